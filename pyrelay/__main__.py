@@ -1,0 +1,3 @@
+from pyrelay.cli import main
+
+main()

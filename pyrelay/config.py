@@ -1,0 +1,498 @@
+"""Settings from the environment (and an optional ``.env`` file).
+
+Names from the Postfix container (boky/postfix) keep their names; pyrelay's own settings use the
+``PYRELAY_`` prefix.  Validation only: nothing here opens sockets or touches the spool, so a
+``Settings`` object is cheap to build in tests.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NamedTuple
+
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+
+from pyrelay.errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_MYNETWORKS = "127.0.0.0/8 10.0.0.0/8 172.16.0.0/12 192.168.0.0/16 ::1/128 fc00::/7"
+MASK = "********"
+
+
+class TLSLevel(StrEnum):
+    """Postfix ``smtp_tls_security_level`` values pyrelay implements."""
+
+    NONE = "none"
+    MAY = "may"
+    ENCRYPT = "encrypt"
+    VERIFY = "verify"
+    SECURE = "secure"
+
+    @property
+    def requires_tls(self) -> bool:
+        return self in (TLSLevel.ENCRYPT, TLSLevel.VERIFY, TLSLevel.SECURE)
+
+    @property
+    def verifies(self) -> bool:
+        return self in (TLSLevel.VERIFY, TLSLevel.SECURE)
+
+
+class LogFormat(StrEnum):
+    CONSOLE = "console"
+    JSON = "json"
+
+
+class HostPort(NamedTuple):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?$"
+)
+
+
+def parse_duration(value: object) -> float:
+    """``300``, ``300s``, ``5m``, ``2h``, ``5d``, ``1w``, ``500ms`` -> seconds (Postfix units)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"invalid duration {value!r} (use e.g. 300, 300s, 5m, 2h, 5d)")
+        seconds = float(match.group(1)) * _DURATION_UNITS[(match.group(2) or "s").lower()]
+    if seconds < 0:
+        raise ValueError("duration must not be negative")
+    return seconds
+
+
+def split_list(value: object) -> list[str]:
+    """Postfix list syntax: comma and/or whitespace separated."""
+    if value is None:
+        return []
+    if isinstance(value, list | tuple):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [part for part in re.split(r"[\s,]+", str(value)) if part]
+
+
+def normalize_domain(domain: str) -> str:
+    """Lowercase and IDNA-encode a domain so that comparisons are exact string matches."""
+    domain = domain.strip().rstrip(".").lower()
+    if not domain:
+        raise ValueError("empty domain")
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise ValueError(f"invalid internationalised domain {domain!r}") from exc
+    if not _HOSTNAME.match(domain):
+        raise ValueError(f"invalid domain {domain!r}")
+    return domain
+
+
+def parse_host_port(value: str, default_port: int, *, what: str) -> HostPort:
+    """``host``, ``host:port``, ``[host]``, ``[host]:port`` and ``[::1]:25``."""
+    value = value.strip()
+    if not value:
+        raise ValueError(f"empty {what}")
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep:
+            raise ValueError(f"invalid {what} {value!r}: missing ']'")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"invalid {what} {value!r}")
+        port_text = rest[1:] if rest else ""
+    elif value.count(":") == 1:
+        host, port_text = value.split(":")
+    elif ":" in value:
+        raise ValueError(f"invalid {what} {value!r}: write IPv6 addresses as [addr]:port")
+    else:
+        host, port_text = value, ""
+    host = host.strip()
+    if not host:
+        raise ValueError(f"invalid {what} {value!r}: empty host")
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"invalid {what} {value!r}: port must be 1-65535")
+        port = int(port_text)
+    else:
+        port = default_port
+    if ":" not in host:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not _HOSTNAME.match(host):
+                raise ValueError(f"invalid {what} {value!r}: bad host name") from None
+    else:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid {what} {value!r}: bad IPv6 address") from None
+    return HostPort(host, port)
+
+
+def _truthy(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("", "0", "false", "no", "off", "n"):
+        return False
+    if text in ("1", "true", "yes", "on", "y"):
+        return True
+    raise ValueError(f"expected a boolean (1/0, true/false, yes/no), got {value!r}")
+
+
+ListSetting = Annotated[tuple[str, ...], NoDecode]
+
+
+class Settings(BaseSettings):
+    """The effective configuration.  Field aliases are the environment variable names."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        case_sensitive=False,
+        frozen=True,
+    )
+
+    relayhost: Annotated[HostPort, NoDecode] = Field(
+        validation_alias=AliasChoices("RELAYHOST", "relayhost")
+    )
+    relayhost_username: SecretStr = Field(
+        default=SecretStr(""), validation_alias=AliasChoices("RELAYHOST_USERNAME")
+    )
+    relayhost_password: SecretStr = Field(
+        default=SecretStr(""), validation_alias=AliasChoices("RELAYHOST_PASSWORD")
+    )
+    relayhost_username_file: Path | None = Field(
+        default=None, validation_alias=AliasChoices("RELAYHOST_USERNAME_FILE")
+    )
+    relayhost_password_file: Path | None = Field(
+        default=None, validation_alias=AliasChoices("RELAYHOST_PASSWORD_FILE")
+    )
+    tls_level: TLSLevel = Field(
+        default=TLSLevel.SECURE,
+        validation_alias=AliasChoices("RELAYHOST_TLS_LEVEL", "POSTFIX_smtp_tls_security_level"),
+    )
+    tls_ca_file: Path | None = Field(
+        default=None, validation_alias=AliasChoices("RELAYHOST_TLS_CA_FILE")
+    )
+
+    allowed_sender_domains: ListSetting = Field(
+        default=(), validation_alias=AliasChoices("ALLOWED_SENDER_DOMAINS")
+    )
+    allow_empty_sender_domains: bool = Field(
+        default=False, validation_alias=AliasChoices("ALLOW_EMPTY_SENDER_DOMAINS")
+    )
+    masquerade_domains: ListSetting = Field(
+        default=(),
+        validation_alias=AliasChoices(
+            "MASQUERADED_DOMAINS", "MASQUERADE_DOMAINS", "POSTFIX_masquerade_domains"
+        ),
+    )
+    mynetworks: Annotated[tuple[IPNetwork, ...], NoDecode] = Field(
+        default=DEFAULT_MYNETWORKS,  # type: ignore[arg-type]
+        validation_alias=AliasChoices("MYNETWORKS", "POSTFIX_mynetworks"),
+    )
+    message_size_limit: int = Field(
+        default=10_240_000,
+        ge=0,
+        validation_alias=AliasChoices("MESSAGE_SIZE_LIMIT", "POSTFIX_message_size_limit"),
+    )
+
+    listen: Annotated[tuple[HostPort, ...], NoDecode] = Field(
+        default="0.0.0.0:25 0.0.0.0:587",  # type: ignore[arg-type]
+        validation_alias=AliasChoices("PYRELAY_LISTEN"),
+    )
+    spool_dir: Path = Field(
+        default=Path("/var/spool/pyrelay"), validation_alias=AliasChoices("PYRELAY_SPOOL_DIR")
+    )
+    hostname: str = Field(
+        default="", validation_alias=AliasChoices("PYRELAY_HOSTNAME", "POSTFIX_myhostname")
+    )
+    concurrency: int = Field(
+        default=20, ge=1, le=1000, validation_alias=AliasChoices("PYRELAY_CONCURRENCY")
+    )
+    min_backoff: float = Field(default=300.0, validation_alias=AliasChoices("PYRELAY_MIN_BACKOFF"))
+    max_backoff: float = Field(default=4000.0, validation_alias=AliasChoices("PYRELAY_MAX_BACKOFF"))
+    queue_lifetime: float = Field(
+        default=5 * 86400.0, validation_alias=AliasChoices("PYRELAY_QUEUE_LIFETIME")
+    )
+    log_format: LogFormat = Field(
+        default=LogFormat.CONSOLE, validation_alias=AliasChoices("PYRELAY_LOG_FORMAT")
+    )
+    log_level: str = Field(default="info", validation_alias=AliasChoices("PYRELAY_LOG_LEVEL"))
+    metrics_listen: Annotated[HostPort | None, NoDecode] = Field(
+        default=None, validation_alias=AliasChoices("PYRELAY_METRICS_LISTEN")
+    )
+
+    # Limits on clients (Postfix smtpd_recipient_limit, smtpd_timeout, process limit).
+    max_recipients: int = Field(
+        default=1000, ge=1, validation_alias=AliasChoices("PYRELAY_MAX_RECIPIENTS")
+    )
+    max_connections: int = Field(
+        default=200, ge=1, validation_alias=AliasChoices("PYRELAY_MAX_CONNECTIONS")
+    )
+    max_commands: int = Field(
+        default=10000, ge=10, validation_alias=AliasChoices("PYRELAY_MAX_COMMANDS")
+    )
+    command_timeout: float = Field(
+        default=300.0, validation_alias=AliasChoices("PYRELAY_COMMAND_TIMEOUT")
+    )
+    session_timeout: float = Field(
+        default=3600.0, validation_alias=AliasChoices("PYRELAY_SESSION_TIMEOUT")
+    )
+    shutdown_grace: float = Field(
+        default=10.0, validation_alias=AliasChoices("PYRELAY_SHUTDOWN_GRACE")
+    )
+
+    # Upstream client timeouts (Postfix smtp_connect_timeout, smtp_*_timeout).
+    upstream_connect_timeout: float = Field(
+        default=30.0, validation_alias=AliasChoices("PYRELAY_UPSTREAM_CONNECT_TIMEOUT")
+    )
+    upstream_command_timeout: float = Field(
+        default=300.0, validation_alias=AliasChoices("PYRELAY_UPSTREAM_COMMAND_TIMEOUT")
+    )
+    upstream_data_timeout: float = Field(
+        default=600.0, validation_alias=AliasChoices("PYRELAY_UPSTREAM_DATA_TIMEOUT")
+    )
+    upstream_idle_timeout: float = Field(
+        default=5.0, validation_alias=AliasChoices("PYRELAY_UPSTREAM_IDLE_TIMEOUT")
+    )
+
+    @field_validator("relayhost", mode="before")
+    @classmethod
+    def _relayhost(cls, value: object) -> HostPort:
+        if isinstance(value, HostPort):
+            return value
+        if isinstance(value, tuple):
+            return HostPort(*value)
+        return parse_host_port(str(value), 25, what="RELAYHOST")
+
+    @field_validator("metrics_listen", mode="before")
+    @classmethod
+    def _metrics_listen(cls, value: object) -> HostPort | None:
+        if value is None or isinstance(value, HostPort):
+            return value
+        text = str(value).strip()
+        if text.lower() in ("", "off", "no", "0", "false"):
+            return None
+        return parse_host_port(text, 9025, what="address")
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _listen(cls, value: object) -> tuple[HostPort, ...]:
+        items = split_list(value)
+        if not items:
+            raise ValueError("at least one host:port is required")
+        return tuple(
+            item if isinstance(item, HostPort) else parse_host_port(item, 25, what="address")
+            for item in items
+        )
+
+    @field_validator("allowed_sender_domains", mode="before")
+    @classmethod
+    def _domains(cls, value: object) -> tuple[str, ...]:
+        return tuple(normalize_domain(d) for d in split_list(value))
+
+    @field_validator("masquerade_domains", mode="before")
+    @classmethod
+    def _masquerade(cls, value: object) -> tuple[str, ...]:
+        out = []
+        for entry in split_list(value):
+            bang = entry.startswith("!")
+            out.append(("!" if bang else "") + normalize_domain(entry.lstrip("!").lstrip(".")))
+        return tuple(out)
+
+    @field_validator("mynetworks", mode="before")
+    @classmethod
+    def _mynetworks(cls, value: object) -> tuple[IPNetwork, ...]:
+        nets = []
+        for item in split_list(value):
+            text = str(item).replace("[", "").replace("]", "")
+            try:
+                nets.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                raise ValueError(f"invalid network {item!r} (use CIDR like 10.0.0.0/8)") from None
+        return tuple(nets)
+
+    @field_validator("allow_empty_sender_domains", mode="before")
+    @classmethod
+    def _bool(cls, value: object) -> bool:
+        return _truthy(value)
+
+    @field_validator(
+        "min_backoff",
+        "max_backoff",
+        "queue_lifetime",
+        "command_timeout",
+        "session_timeout",
+        "shutdown_grace",
+        "upstream_connect_timeout",
+        "upstream_command_timeout",
+        "upstream_data_timeout",
+        "upstream_idle_timeout",
+        mode="before",
+    )
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return parse_duration(value)
+
+    @field_validator("tls_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, value: object) -> str:
+        level = str(value).strip().lower()
+        if level not in ("debug", "info", "warning", "error"):
+            raise ValueError("must be one of debug, info, warning, error")
+        return level
+
+    @field_validator("hostname", mode="before")
+    @classmethod
+    def _hostname(cls, value: object) -> str:
+        text = str(value or "").strip()
+        if not text:
+            return socket.getfqdn() or "localhost"
+        if not _HOSTNAME.match(text):
+            raise ValueError(f"invalid host name {text!r}")
+        return text
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        for name in ("username", "password"):
+            path: Path | None = getattr(self, f"relayhost_{name}_file")
+            if path is None:
+                continue
+            if getattr(self, f"relayhost_{name}").get_secret_value():
+                raise ValueError(
+                    f"set RELAYHOST_{name.upper()} or RELAYHOST_{name.upper()}_FILE, not both"
+                )
+            try:
+                secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                raise ValueError(
+                    f"RELAYHOST_{name.upper()}_FILE: cannot read {path}: {exc.strerror}"
+                ) from None
+            object.__setattr__(self, f"relayhost_{name}", SecretStr(secret))
+        user = self.relayhost_username.get_secret_value()
+        password = self.relayhost_password.get_secret_value()
+        if bool(user) != bool(password):
+            missing = "RELAYHOST_PASSWORD" if user else "RELAYHOST_USERNAME"
+            raise ValueError(f"{missing}: required when the other credential is set")
+        if not self.allowed_sender_domains and not self.allow_empty_sender_domains:
+            raise ValueError(
+                "ALLOWED_SENDER_DOMAINS: required (or set ALLOW_EMPTY_SENDER_DOMAINS=true "
+                "to accept any sender domain)"
+            )
+        if self.min_backoff > self.max_backoff:
+            raise ValueError("PYRELAY_MIN_BACKOFF: must not exceed PYRELAY_MAX_BACKOFF")
+        if self.tls_ca_file is not None and not self.tls_ca_file.is_file():
+            raise ValueError(f"RELAYHOST_TLS_CA_FILE: no such file {self.tls_ca_file}")
+        return self
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self.relayhost_username.get_secret_value())
+
+    @property
+    def implicit_tls(self) -> bool:
+        """Port 465 is SMTPS (implicit TLS); every other port uses STARTTLS."""
+        return self.relayhost.port == 465
+
+    def dump(self) -> dict[str, str]:
+        """The effective configuration keyed by environment variable, secrets masked."""
+        out: dict[str, str] = {}
+        for name in type(self).model_fields:
+            if name.endswith("_file") and name.startswith("relayhost_"):
+                continue
+            env = _env_name(name)
+            value = getattr(self, name)
+            out[env] = _render(value, secret=name == "relayhost_password")
+        return out
+
+
+def _env_name(field_name: str) -> str:
+    field = Settings.model_fields[field_name]
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices):
+        first = alias.choices[0]
+        return str(first)
+    return field_name.upper()
+
+
+def _render(value: object, *, secret: bool = False) -> str:
+    if isinstance(value, SecretStr):
+        raw = value.get_secret_value()
+        return (MASK if raw else "") if secret else raw
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, tuple) and not isinstance(value, HostPort):
+        return " ".join(str(v) for v in value)
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:g}s"
+    return str(value)
+
+
+def _describe(error: ValidationError) -> str:
+    """One line naming the variable and what is wrong (never the offending secret value)."""
+    first = error.errors()[0]
+    loc = first.get("loc") or ()
+    message = str(first.get("msg", "invalid value"))
+    message = message.removeprefix("Value error, ")
+    if loc:
+        key = str(loc[0])
+        name = key if key.isupper() or key not in Settings.model_fields else _env_name(key)
+        if key in Settings.model_fields:
+            name = _env_name(key)
+        elif key.lower() in Settings.model_fields:
+            name = _env_name(key.lower())
+        if first.get("type") == "missing":
+            return f"{name}: required but not set"
+        return f"{name}: {message}"
+    return message
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build ``Settings`` from the environment; raise ``ConfigError`` with one clear line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    except SettingsError as exc:
+        raise ConfigError(str(exc).split(" from source")[0]) from None
+
+
+def known_env_names() -> set[str]:
+    """Every environment variable name Settings reads (lowercased)."""
+    names: set[str] = set()
+    for field in Settings.model_fields.values():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(str(choice).lower() for choice in alias.choices)
+    return names

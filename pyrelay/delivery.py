@@ -1,0 +1,449 @@
+"""The smtp(8) client: one reusable connection to RELAYHOST, per-recipient outcomes.
+
+Every failure is mapped to Postfix's wording so that operators can grep for it
+("Connection refused", "SASL authentication failed", "TLS is required, but was not offered").
+Credentials are only ever sent over an encrypted connection, whatever the TLS level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import aiosmtplib
+from aiosmtplib import SMTPResponse
+
+from pyrelay.config import HostPort, Settings, TLSLevel
+from pyrelay.errors import DeliveryError
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+
+
+class Outcome(StrEnum):
+    SENT = "sent"
+    DEFERRED = "deferred"
+    BOUNCED = "bounced"
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    recipient: str
+    outcome: Outcome
+    dsn: str
+    reply: str  # what the upstream (or pyrelay) said, for logs and bounces
+
+
+def dsn_of(code: int, text: str) -> str:
+    """The enhanced status code in a reply, or one derived from the basic code."""
+    match = _ENHANCED.match(text)
+    if match and match.group(1) == str(code)[0]:
+        return match.group(0)
+    return f"{str(code)[0]}.0.0"
+
+
+def outcome_of(code: int) -> Outcome:
+    if 200 <= code < 300:
+        return Outcome.SENT
+    if 500 <= code < 600:
+        return Outcome.BOUNCED
+    return Outcome.DEFERRED
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def make_tls_context(settings: Settings) -> ssl.SSLContext:
+    """``verify``/``secure``: system CAs (``SSL_CERT_FILE`` honoured) plus
+    ``RELAYHOST_TLS_CA_FILE``; ``may``/``encrypt``: encryption without authentication (Postfix)."""
+    if settings.tls_level.verifies:
+        ctx = ssl.create_default_context()
+        if settings.tls_ca_file is not None:
+            ctx.load_verify_locations(cafile=str(settings.tls_ca_file))
+    else:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+class Step(StrEnum):
+    DNS = "dns"
+    TCP = "tcp"
+    GREETING = "greeting"
+    TLS = "tls"
+    AUTH = "auth"
+
+
+@dataclass(slots=True)
+class Session:
+    """An open, ready-to-use upstream connection."""
+
+    client: aiosmtplib.SMTP
+    relay: str
+    encrypted: bool
+    authenticated: bool
+    last_used: float
+    dirty: bool = False
+
+
+async def _resolve(host: str, port: int, timeout: float) -> list[tuple[int, tuple[str, int]]]:
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout
+        )
+    except (OSError, TimeoutError) as exc:
+        raise DeliveryError(
+            "4.4.3",
+            f"Host or domain name not found. Name service error for name={host} type=A: "
+            f"{getattr(exc, 'strerror', None) or 'Host not found, try again'}",
+            kind=Step.DNS,
+        ) from None
+    return [(family, addr[:2]) for family, _, _, _, addr in infos]  # type: ignore[misc]
+
+
+async def _tcp_connect(
+    host: str, port: int, addrs: Sequence[tuple[int, tuple[str, int]]], timeout: float
+) -> tuple[socket.socket, str]:
+    loop = asyncio.get_running_loop()
+    last: DeliveryError | None = None
+    for family, addr in addrs:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        relay = f"{host}[{addr[0]}]:{port}"
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
+        except TimeoutError:
+            sock.close()
+            last = DeliveryError(
+                "4.4.1", f"connect to {relay}: Connection timed out", kind=Step.TCP
+            )
+        except OSError as exc:
+            sock.close()
+            last = DeliveryError(
+                "4.4.1", f"connect to {relay}: {exc.strerror or exc}", kind=Step.TCP
+            )
+        else:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock, relay
+    assert last is not None
+    raise last
+
+
+def _tls_failure(relay: str, exc: BaseException) -> DeliveryError:
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        reason = cause.verify_message or str(cause)
+        return DeliveryError(
+            "4.7.5", f"Server certificate not verified: {relay}: {reason}", kind=Step.TLS
+        )
+    detail = str(cause) if cause is not None else str(exc)
+    return DeliveryError(
+        "4.7.5", f"Cannot start TLS: handshake failure with {relay}: {detail}", kind=Step.TLS
+    )
+
+
+class Upstream:
+    """Opens sessions to RELAYHOST and runs SMTP transactions on them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.target: HostPort = settings.relayhost
+        self.tls_context = (
+            make_tls_context(settings) if settings.tls_level is not TLSLevel.NONE else None
+        )
+
+    async def open(self, *, steps: list[tuple[Step, str]] | None = None) -> Session:
+        """Connect, greet, STARTTLS and AUTH as configured; raise ``DeliveryError`` on failure.
+
+        ``steps`` (when given) receives one line per completed step, for ``check-upstream``.
+        """
+        s = self.settings
+        host, port = self.target
+        addrs = await _resolve(host, port, s.upstream_connect_timeout)
+        if steps is not None:
+            steps.append((Step.DNS, ", ".join(a[0] for _, a in addrs)))
+        sock, relay = await _tcp_connect(host, port, addrs, s.upstream_connect_timeout)
+        if steps is not None:
+            steps.append((Step.TCP, f"connected to {relay}"))
+        implicit = s.implicit_tls and self.tls_context is not None
+        client = aiosmtplib.SMTP(
+            hostname=host,
+            sock=sock,
+            local_hostname=s.hostname,
+            timeout=s.upstream_command_timeout,
+            use_tls=implicit,
+            start_tls=False,
+            tls_context=self.tls_context if implicit else None,
+            validate_certs=s.tls_level.verifies,
+        )
+        try:
+            await self._handshake(client, relay, implicit, steps)
+        except BaseException:
+            client.close()
+            raise
+        return Session(
+            client=client,
+            relay=relay,
+            encrypted=client.get_transport_info("sslcontext") is not None,
+            authenticated=s.has_credentials,
+            last_used=time.monotonic(),
+        )
+
+    async def _handshake(
+        self,
+        client: aiosmtplib.SMTP,
+        relay: str,
+        implicit: bool,
+        steps: list[tuple[Step, str]] | None,
+    ) -> None:
+        s = self.settings
+        try:
+            greeting = await client.connect(timeout=s.upstream_connect_timeout)
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            raise DeliveryError(
+                dsn_of(exc.code, exc.message) if exc.code >= 400 else "4.0.0",
+                f"host {relay} refused to talk to me: {exc.code} {one_line(exc.message)}",
+                kind=Step.GREETING,
+            ) from None
+        except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError) as exc:
+            if implicit and _is_tls_error(exc):
+                raise _tls_failure(relay, exc) from None
+            kind = Step.TLS if implicit else Step.GREETING
+            text = (
+                f"conversation with {relay} timed out while receiving the initial server greeting"
+                if isinstance(exc, aiosmtplib.SMTPTimeoutError)
+                else f"lost connection with {relay} while receiving the initial server greeting"
+            )
+            raise DeliveryError("4.4.2", text, kind=kind) from None
+        if steps is not None:
+            if implicit:
+                steps.append((Step.TLS, f"implicit TLS ({_cipher(client)})"))
+            steps.append((Step.GREETING, f"{greeting.code} {one_line(greeting.message)}"))
+        try:
+            await client.ehlo()
+        except aiosmtplib.SMTPHeloError:
+            await client.helo()
+        if not implicit and self.tls_context is not None:
+            if client.supports_extension("starttls"):
+                try:
+                    await client.starttls(
+                        tls_context=self.tls_context, server_hostname=self.target.host
+                    )
+                except aiosmtplib.SMTPResponseException as exc:
+                    if s.tls_level.requires_tls or s.has_credentials:
+                        raise DeliveryError(
+                            "4.7.5",
+                            f"Cannot start TLS: {relay} said: {exc.code} {one_line(exc.message)}",
+                            kind=Step.TLS,
+                        ) from None
+                except (aiosmtplib.SMTPException, OSError) as exc:
+                    raise _tls_failure(relay, exc) from None
+                else:
+                    await client.ehlo()
+                    if steps is not None:
+                        steps.append((Step.TLS, f"STARTTLS ({_cipher(client)})"))
+            elif s.tls_level.requires_tls:
+                raise DeliveryError(
+                    "4.7.4", f"TLS is required, but was not offered by host {relay}", kind=Step.TLS
+                )
+        encrypted = client.get_transport_info("sslcontext") is not None
+        if not s.has_credentials:
+            return
+        if not encrypted:
+            # Never, at any TLS level: a relay's credentials are worth more than one message.
+            raise DeliveryError(
+                "4.7.4",
+                f"refusing to send SASL credentials to {relay} over an unencrypted connection "
+                "(the server did not offer STARTTLS)",
+                kind=Step.TLS,
+            )
+        if not client.supports_extension("auth"):
+            raise DeliveryError(
+                "4.7.0",
+                f"SASL authentication failed; server {relay} does not offer AUTH",
+                kind=Step.AUTH,
+            )
+        try:
+            reply = await client.login(
+                s.relayhost_username.get_secret_value(), s.relayhost_password.get_secret_value()
+            )
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise DeliveryError(
+                "4.7.0",
+                f"SASL authentication failed; server {relay} said: "
+                f"{exc.code} {one_line(exc.message)}",
+                kind=Step.AUTH,
+            ) from None
+        except aiosmtplib.SMTPServerDisconnected:
+            raise DeliveryError(
+                "4.4.2", f"lost connection with {relay} during SASL authentication", kind=Step.AUTH
+            ) from None
+        except aiosmtplib.SMTPException as exc:
+            raise DeliveryError(
+                "4.7.0",
+                f"SASL authentication failed; {relay}: {one_line(str(exc))}",
+                kind=Step.AUTH,
+            ) from None
+        if steps is not None:
+            steps.append((Step.AUTH, f"{reply.code} {one_line(reply.message)}"))
+
+    async def transaction(
+        self,
+        session: Session,
+        sender: str,
+        recipients: Sequence[str],
+        message: bytes,
+        *,
+        smtputf8: bool = False,
+        eightbit: bool = False,
+    ) -> list[RecipientResult]:
+        """MAIL, RCPT…, DATA on an open session.  Raises ``DeliveryError`` when the connection
+        fails (the caller defers every recipient without a result and drops the session)."""
+        client = session.client
+        relay = session.relay
+        stage = "MAIL FROM"
+        try:
+            if session.dirty:
+                await client.rset()
+                session.dirty = False
+            session.dirty = True
+            options: list[str] = []
+            if client.supports_extension("size"):
+                options.append(f"SIZE={len(message)}")
+            if eightbit and client.supports_extension("8bitmime"):
+                options.append("BODY=8BITMIME")
+            if smtputf8:
+                if not client.supports_extension("smtputf8"):
+                    return [
+                        RecipientResult(
+                            r,
+                            Outcome.BOUNCED,
+                            "5.6.7",
+                            f"SMTPUTF8 is required, but was not offered by host {relay}",
+                        )
+                        for r in recipients
+                    ]
+                options.append("SMTPUTF8")
+            try:
+                await client.mail(
+                    sender, options=options, encoding="utf-8" if smtputf8 else "ascii"
+                )
+            except aiosmtplib.SMTPResponseException as exc:
+                return _all(recipients, exc.code, exc.message, relay, "MAIL FROM")
+            results: dict[str, RecipientResult] = {}
+            accepted: list[str] = []
+            stage = "RCPT TO"
+            for rcpt in recipients:
+                try:
+                    await client.rcpt(rcpt, encoding="utf-8" if smtputf8 else "ascii")
+                except aiosmtplib.SMTPResponseException as exc:
+                    results[rcpt] = _result(rcpt, exc.code, exc.message, relay, "RCPT TO")
+                else:
+                    accepted.append(rcpt)
+            if accepted:
+                stage = "DATA"
+                try:
+                    reply = await send_wire_data(
+                        client, message, timeout=self.settings.upstream_data_timeout
+                    )
+                except aiosmtplib.SMTPResponseException as exc:
+                    for rcpt in accepted:
+                        results[rcpt] = _result(rcpt, exc.code, exc.message, relay, "end of DATA")
+                else:
+                    session.dirty = False
+                    for rcpt in accepted:
+                        results[rcpt] = RecipientResult(
+                            rcpt,
+                            Outcome.SENT,
+                            dsn_of(reply.code, reply.message),
+                            f"{reply.code} {one_line(reply.message)}",
+                        )
+            session.last_used = time.monotonic()
+            return [results[r] for r in recipients]
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            client.close()
+            timed_out = isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError)
+            what = "conversation with {} timed out" if timed_out else "lost connection with {}"
+            raise DeliveryError(
+                "4.4.2", f"{what.format(relay)} while sending {stage}", kind="connection"
+            ) from None
+
+    async def close(self, session: Session) -> None:
+        try:
+            if session.client.is_connected:
+                await asyncio.wait_for(session.client.quit(), 2)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            pass
+        finally:
+            session.client.close()
+
+
+def _result(rcpt: str, code: int, message: str, relay: str, stage: str) -> RecipientResult:
+    text = f"host {relay} said: {code} {one_line(message)} (in reply to {stage} command)"
+    return RecipientResult(rcpt, outcome_of(code), dsn_of(code, message), text)
+
+
+def _all(
+    recipients: Sequence[str], code: int, message: str, relay: str, stage: str
+) -> list[RecipientResult]:
+    return [_result(r, code, message, relay, stage) for r in recipients]
+
+
+def _is_tls_error(exc: BaseException) -> bool:
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _cipher(client: aiosmtplib.SMTP) -> str:
+    obj = client.get_transport_info("ssl_object")
+    if isinstance(obj, ssl.SSLObject):
+        cipher = obj.cipher()
+        return f"{obj.version()}, {cipher[0] if cipher else '?'}"
+    return "TLS"
+
+
+async def send_wire_data(
+    client: aiosmtplib.SMTP, message: bytes, *, timeout: float
+) -> SMTPResponse:
+    """DATA with a message already in wire form (CRLF, dot-stuffed, validated at receipt).
+
+    aiosmtplib's ``data()`` re-normalises line endings and dot-stuffs with two regex passes
+    over the whole message; the spool keeps the wire form so this seam writes it as it is.
+    It relies on aiosmtplib's protocol internals (``_command_lock``, ``_response_pending``),
+    pinned by the dependency range and covered by the end-to-end tests.
+    """
+    protocol = client.protocol
+    if protocol is None or protocol._command_lock is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    try:
+        async with protocol._command_lock:
+            protocol._response_pending = True
+            protocol.write(b"DATA\r\n")
+            start = await protocol.read_response(timeout=timeout)
+            if start.code != 354:
+                raise aiosmtplib.SMTPDataError(start.code, start.message)
+            protocol._response_pending = True
+            protocol.write(message)
+            protocol.write(b".\r\n")
+            reply = await protocol.read_response(timeout=timeout)
+            if reply.code != 250:
+                raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+            return reply
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        client.close()
+        raise

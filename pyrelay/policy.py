@@ -1,0 +1,157 @@
+"""Access checks of smtpd(8): who may relay, which senders, how many recipients.
+
+Every check returns ``None`` to accept or the exact SMTP reply to send.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from pyrelay.config import IPNetwork, Settings
+
+_ATEXT_DOMAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
+
+
+def split_address(address: str) -> tuple[str, str] | None:
+    """Split ``local@domain`` honouring a quoted local part; ``None`` if there is no domain."""
+    if address.startswith('"'):
+        i, n = 1, len(address)
+        while i < n:
+            ch = address[i]
+            if ch == "\\":
+                i += 2
+                continue
+            if ch == '"':
+                break
+            i += 1
+        else:
+            return None
+        local, rest = address[: i + 1], address[i + 1 :]
+        if not rest.startswith("@"):
+            return None
+        domain = rest[1:]
+    else:
+        local, at, domain = address.rpartition("@")
+        if not at:
+            return None
+    if not local or not domain:
+        return None
+    return local, domain
+
+
+@lru_cache(maxsize=4096)
+def normalize_address_domain(domain: str) -> str | None:
+    """Lowercase, strip a trailing dot, IDNA-encode; ``None`` if it is not a usable domain."""
+    domain = domain.rstrip(".").lower()
+    if domain.startswith("[") and domain.endswith("]"):
+        return domain
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    if not domain or not set(domain) <= _ATEXT_DOMAIN_CHARS:
+        return None
+    if ".." in domain or domain.startswith(".") or domain.startswith("-"):
+        return None
+    return domain
+
+
+def is_fully_qualified(address: str) -> bool:
+    parts = split_address(address)
+    if parts is None:
+        return False
+    domain = normalize_address_domain(parts[1])
+    if domain is None:
+        return False
+    return domain.startswith("[") or "." in domain
+
+
+def domain_matches(domain: str, allowed: Sequence[str]) -> bool:
+    """Postfix ``parent_domain_matches_subdomains``: ``example.com`` allows ``a.example.com``."""
+    return any(domain == d or domain.endswith("." + d) for d in allowed)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    mynetworks: tuple[IPNetwork, ...]
+    allowed_sender_domains: tuple[str, ...]
+    allow_any_sender_domain: bool
+    max_recipients: int
+    size_limit: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Policy:
+        return cls(
+            mynetworks=settings.mynetworks,
+            allowed_sender_domains=settings.allowed_sender_domains,
+            allow_any_sender_domain=settings.allow_empty_sender_domains,
+            max_recipients=settings.max_recipients,
+            size_limit=settings.message_size_limit,
+        )
+
+    def client_allowed(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.mynetworks)
+
+    def check_client(self, ip: str) -> str | None:
+        if self.client_allowed(ip):
+            return None
+        return f"554 5.7.1 <{ip}>: Client host rejected: Access denied"
+
+    def check_declared_size(self, size: int) -> str | None:
+        if self.size_limit and size > self.size_limit:
+            return "552 5.3.4 Message size exceeds fixed limit"
+        return None
+
+    def check_sender(self, sender: str) -> str | None:
+        """MAIL FROM syntax; the domain policy is applied at RCPT, as Postfix does."""
+        if sender == "":
+            return None
+        if not is_fully_qualified(sender):
+            return f"504 5.5.2 <{sender}>: Sender address rejected: need fully-qualified address"
+        return None
+
+    def sender_domain_allowed(self, sender: str) -> bool:
+        if sender == "" or self.allow_any_sender_domain:
+            return True
+        parts = split_address(sender)
+        if parts is None:
+            return False
+        domain = normalize_address_domain(parts[1])
+        return domain is not None and domain_matches(domain, self.allowed_sender_domains)
+
+    def sender_domain(self, sender: str) -> str:
+        parts = split_address(sender)
+        return parts[1].lower() if parts else sender
+
+    def check_recipient(
+        self, client_ip: str, sender: str, recipient: str, count: int
+    ) -> str | None:
+        """All RCPT checks in Postfix order: client, recipient syntax, sender domain, limits.
+
+        ``count`` is the number of recipients already accepted in this transaction.
+        """
+        reply = self.check_client(client_ip)
+        if reply:
+            return reply
+        if not is_fully_qualified(recipient):
+            return (
+                f"504 5.5.2 <{recipient}>: Recipient address rejected: need fully-qualified address"
+            )
+        if not self.sender_domain_allowed(sender):
+            return (
+                f"554 5.7.1 <{recipient}>: Relay access denied: sender domain "
+                f"{self.sender_domain(sender)} is not in ALLOWED_SENDER_DOMAINS"
+            )
+        if count >= self.max_recipients:
+            return "452 4.5.3 Error: too many recipients"
+        return None

@@ -1,0 +1,443 @@
+"""The listener (smtpd): aiosmtpd with Postfix's replies, policy at MAIL/RCPT, and a DATA reader
+that replies ``250`` only once the message is durable in the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import Envelope as SMTPEnvelope
+from aiosmtpd.smtp import Session as SMTPSession
+
+from pyrelay.config import Settings
+from pyrelay.errors import SpoolError
+from pyrelay.logging import get_logger
+from pyrelay.metrics import Metrics
+from pyrelay.policy import Policy
+from pyrelay.rewrite import build_received, masquerade_address, rewrite_message
+from pyrelay.spool import Envelope, Spool, new_queue_id
+from pyrelay.wire import TERMINATOR, has_bare_eol, normalize_wire
+
+log = get_logger("pyrelay.server")
+
+READ_CHUNK = 256 * 1024
+# Commands and header lines are short; the stream buffer may hold a whole DATA chunk.  A
+# larger limit also stops StreamReader from pausing the socket every 2 KB (its flow control
+# threshold is twice the limit), which was a large part of aiosmtpd's DATA cost.
+STREAM_LIMIT = 64 * 1024
+
+_REPLY = re.compile(r"^([2-5]\d\d)([ -])(.*)$", re.S)
+_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}(?:\s|$)")
+# Enhanced status codes for aiosmtpd's built-in replies that have none (RFC 3463 / Postfix).
+_DEFAULT_STATUS = {
+    "221": "2.0.0",
+    "250": "2.0.0",
+    "252": "2.0.0",
+    "421": "4.7.0",
+    "451": "4.3.0",
+    "452": "4.3.1",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "550": "5.0.0",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.0.0",
+    "555": "5.5.4",
+}
+
+
+def with_enhanced_status(reply: str) -> str:
+    """Add an RFC 3463 code to a reply that lacks one (we advertise ENHANCEDSTATUSCODES)."""
+    match = _REPLY.match(reply)
+    if not match:
+        return reply
+    code, sep, text = match.groups()
+    if _ENHANCED.match(text) or code not in _DEFAULT_STATUS:
+        return reply
+    return f"{code}{sep}{_DEFAULT_STATUS[code]} {text}"
+
+
+def client_ip(session: SMTPSession) -> str:
+    peer = session.peer
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "unknown")
+
+
+class RelayHandler:
+    """aiosmtpd hooks.  Kept small on purpose: aiosmtpd inspects the handler per connection."""
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: SMTPSession,
+        envelope: SMTPEnvelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        limit = self.listener.settings.message_size_limit
+        lines = [f"250-{server.hostname}", "250-PIPELINING"]
+        if limit:
+            lines.append(f"250-SIZE {limit}")
+        lines += ["250-ENHANCEDSTATUSCODES", "250-8BITMIME", "250 SMTPUTF8"]
+        return lines
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: SMTPSession,
+        envelope: SMTPEnvelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        sender = "" if address == "<>" else address
+        policy = self.listener.policy
+        reply = policy.check_sender(sender)
+        if reply is None:
+            for opt in options:
+                if opt.startswith("SIZE=") and opt[5:].isdigit():
+                    reply = policy.check_declared_size(int(opt[5:]))
+        if reply is not None:
+            self.listener.rejected(session, "sender", reply, sender=sender)
+            return reply
+        # "<>" keeps aiosmtpd's truthiness checks (nested MAIL, RCPT before MAIL) working.
+        envelope.mail_from = address if sender else "<>"
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: SMTPSession,
+        envelope: SMTPEnvelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        sender = "" if envelope.mail_from == "<>" else (envelope.mail_from or "")
+        reply = self.listener.policy.check_recipient(
+            client_ip(session), sender, address, len(envelope.rcpt_tos)
+        )
+        if reply is not None:
+            reason = {"554 5.7.1 <": "relay_denied", "504": "syntax", "452": "too_many_recipients"}
+            kind = next((v for k, v in reason.items() if reply.startswith(k)), "policy")
+            if "Client host rejected" in reply:
+                kind = "client"
+            self.listener.rejected(session, kind, reply, sender=sender, recipient=address)
+            return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 Ok"
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's protocol with Postfix reply texts, limits, and a chunked DATA reader."""
+
+    line_length_limit = STREAM_LIMIT
+
+    def __init__(self, listener: Listener, **kwargs: Any) -> None:
+        super().__init__(RelayHandler(listener), **kwargs)
+        self.listener = listener
+        self._refuse = False
+        self._in_ehlo = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._session_timer: asyncio.TimerHandle | None = None
+
+    # -- connection ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first:
+            self._refuse = not self.listener.session_opened(self)
+            self._session_timer = self.loop.call_later(
+                self.listener.settings.session_timeout, self._session_expired
+            )
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._session_timer is not None:
+            self._session_timer.cancel()
+            self._session_timer = None
+        self.listener.session_closed(self)
+        super().connection_lost(error)
+
+    def _session_expired(self) -> None:
+        log.info("session_timeout", client=client_ip(self.session) if self.session else "?")
+        if isinstance(self.transport, asyncio.WriteTransport):
+            self.transport.write(b"421 4.4.2 Error: session time limit exceeded\r\n")
+            self.transport.close()
+
+    async def _handle_client(self) -> None:
+        if self._refuse:
+            await self.push(
+                f"421 4.7.0 {self.hostname} Error: too many connections from all clients"
+            )
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    async def push(self, status: str) -> None:  # type: ignore[override]
+        await super().push(status if self._in_ehlo else with_enhanced_status(status))
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_ehlo = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_ehlo = False
+
+    async def check_helo_needed(self, helo: str = "HELO") -> bool:
+        assert self.session is not None
+        if not self.session.host_name:
+            await self.push("503 5.5.1 Error: send HELO/EHLO first")
+            return True
+        return False
+
+    # -- DATA ------------------------------------------------------------------------------
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None and self.session is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self._idle.clear()
+        try:
+            content = await self._read_data()
+            if content is None:
+                await self.push("552 5.3.4 Message size exceeds fixed limit")
+                self.listener.rejected(
+                    self.session, "size", "552 5.3.4 Message size exceeds fixed limit"
+                )
+            else:
+                reply = await self.listener.accept(self.session, self.envelope, content)
+                await self.push(reply)
+        finally:
+            self._idle.set()
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+        if self.listener.closing and self.transport is not None:
+            await self.push("421 4.3.2 Service shutting down, closing transmission channel")
+            self.transport.close()
+
+    async def _read_data(self) -> bytes | None:
+        """Read up to ``<CR><LF>.<CR><LF>`` in large chunks; return the payload in wire form
+        (still dot-stuffed, ending in CRLF), or ``None`` if it exceeded the size limit."""
+        reader = self._reader
+        limit = self.listener.settings.message_size_limit
+        # The leading CRLF lets one search also find a terminator at the very start.
+        buf = bytearray(b"\r\n")
+        search_from = 0
+        too_big = False
+        while True:
+            chunk = await reader.read(READ_CHUNK)
+            if not chunk:
+                raise ConnectionResetError("connection closed during DATA")
+            self._reset_timeout()
+            buf += chunk
+            idx = buf.find(TERMINATOR, search_from)
+            if idx >= 0:
+                break
+            search_from = max(0, len(buf) - len(TERMINATOR) + 1)
+            if limit and len(buf) > limit + 1024:
+                # Keep reading to the terminator (RFC 5321 4.2.5) but not keeping the data.
+                too_big = True
+                del buf[: -(len(TERMINATOR) - 1)]
+                search_from = 0
+        rest = buf[idx + len(TERMINATOR) :]
+        if rest:
+            # Pipelined commands after the terminator belong to the command reader.
+            reader._buffer[0:0] = rest  # type: ignore[attr-defined]
+        if too_big:
+            return None
+        content = bytes(memoryview(buf)[2 : idx + 2])
+        if limit and len(content) > limit:
+            return None
+        return content
+
+
+class Listener:
+    """Owns the listening sockets and the live sessions; turns a DATA payload into a queue entry."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        spool: Spool,
+        metrics: Metrics,
+        submit: Callable[[Envelope, bytes], None],
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.metrics = metrics
+        self.submit = submit
+        self.policy = Policy.from_settings(settings)
+        self.servers: list[asyncio.Server] = []
+        self.sessions: set[RelaySMTP] = set()
+        self.closing = False
+        self.ports: list[tuple[str, int]] = []
+
+    def factory(self) -> RelaySMTP:
+        s = self.settings
+        return RelaySMTP(
+            self,
+            data_size_limit=None,
+            enable_SMTPUTF8=True,
+            hostname=s.hostname,
+            ident="ESMTP pyrelay",
+            timeout=s.command_timeout,
+            command_call_limit=s.max_commands,
+            loop=asyncio.get_running_loop(),
+        )
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for host, port in self.settings.listen:
+            server = await loop.create_server(
+                self.factory, host=host, port=port, reuse_address=True, backlog=1024
+            )
+            self.servers.append(server)
+            for sock in server.sockets:
+                addr = sock.getsockname()
+                self.ports.append((str(addr[0]), int(addr[1])))
+        log.info("listening", addresses=" ".join(f"{h}:{p}" for h, p in self.ports))
+
+    def session_opened(self, proto: RelaySMTP) -> bool:
+        if self.closing or len(self.sessions) >= self.settings.max_connections:
+            self.metrics.rejected.labels(reason="too_many_connections").inc()
+            log.warning(
+                "connection_refused",
+                reason="too many connections",
+                limit=self.settings.max_connections,
+            )
+            return False
+        self.sessions.add(proto)
+        return True
+
+    def session_closed(self, proto: RelaySMTP) -> None:
+        self.sessions.discard(proto)
+
+    def rejected(
+        self,
+        session: SMTPSession,
+        reason: str,
+        reply: str,
+        *,
+        sender: str | None = None,
+        recipient: str | None = None,
+    ) -> None:
+        self.metrics.rejected.labels(reason=reason).inc()
+        fields: dict[str, str] = {"client": client_ip(session)}
+        if sender is not None:
+            fields["from"] = f"<{sender}>"
+        if recipient is not None:
+            fields["to"] = f"<{recipient}>"
+        log.info("rejected", reply=reply, **fields)
+
+    async def accept(self, session: SMTPSession, smtp_env: SMTPEnvelope, content: bytes) -> str:
+        """Rewrite, spool durably, hand to the scheduler; return the reply for the client."""
+        ip = client_ip(session)
+        if has_bare_eol(content):
+            content = normalize_wire(content)
+            log.warning("bare_newline_normalized", client=ip)
+        raw_sender = smtp_env.mail_from or "<>"
+        sender = "" if raw_sender == "<>" else raw_sender
+        masq = self.settings.masquerade_domains
+        if masq and sender:
+            sender = masquerade_address(sender, masq)
+        recipients = list(smtp_env.rcpt_tos)
+        queue_id = new_queue_id()
+        now = datetime.now(UTC)
+        smtputf8 = bool(smtp_env.smtp_utf8)
+        received = build_received(
+            helo=session.host_name or "unknown",
+            client_ip=ip,
+            client_host=None,
+            hostname=self.settings.hostname,
+            queue_id=queue_id,
+            recipient=recipients[0] if len(recipients) == 1 else None,
+            protocol=("UTF8SMTP" if smtputf8 else "ESMTP") if session.extended_smtp else "SMTP",
+            now=now,
+        )
+        rewritten = rewrite_message(
+            content,
+            masquerade_domains=masq,
+            received=received,
+            hostname=self.settings.hostname,
+            queue_id=queue_id,
+            now=now,
+        )
+        message = b"".join((rewritten.headers, memoryview(content)[rewritten.body_start :]))
+        env = Envelope(
+            queue_id=queue_id,
+            sender=sender,
+            recipients=recipients,
+            arrival=time.time(),
+            client=ip,
+            smtputf8=smtputf8,
+            eightbit=not message.isascii(),
+        )
+        try:
+            await self.spool.store(env, [message])
+        except SpoolError as exc:
+            self.metrics.rejected.labels(reason="spool").inc()
+            log.error(
+                "queue_write_failed", client=ip, reply=exc.reply, reason=str(exc.__cause__ or exc)
+            )
+            return exc.reply
+        self.metrics.received.inc()
+        log.info(
+            "queued",
+            queue_id=queue_id,
+            client=ip,
+            **{"from": f"<{sender}>"},
+            nrcpt=len(recipients),
+            size=len(message),
+        )
+        self.submit(env, message)
+        return f"250 2.0.0 Ok: queued as {queue_id}"
+
+    async def stop(self, grace: float) -> None:
+        """Stop listening; let sessions in DATA finish within ``grace``; close the rest."""
+        self.closing = True
+        for server in self.servers:
+            server.close()
+        for proto in list(self.sessions):
+            if proto._idle.is_set() and isinstance(proto.transport, asyncio.WriteTransport):
+                proto.transport.write(
+                    b"421 4.3.2 Service shutting down, closing transmission channel\r\n"
+                )
+                proto.transport.close()
+        busy = [
+            asyncio.ensure_future(p._idle.wait()) for p in self.sessions if not p._idle.is_set()
+        ]
+        if busy:
+            _, pending = await asyncio.wait(busy, timeout=grace)
+            for fut in pending:
+                fut.cancel()
+        for proto in list(self.sessions):
+            if proto.transport is not None:
+                proto.transport.close()
+        for server in self.servers:
+            try:
+                await asyncio.wait_for(server.wait_closed(), 1)
+            except TimeoutError:
+                pass

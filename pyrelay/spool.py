@@ -1,0 +1,317 @@
+"""Durable on-disk queue.
+
+A message's state is the directory its file is in::
+
+    tmp/        being written; never read back (removed at start-up)
+    incoming/   accepted and fsync'd; waiting for (or in) its first delivery attempt
+    deferred/   waiting for a retry
+    hold/       parked by the operator until released
+    corrupt/    unreadable entries kept for inspection
+
+One file per message: a header line ``PYRELAY1 <n>\\n``, ``n`` bytes of JSON envelope, ``\\n``,
+then the message exactly as it will be sent after ``DATA`` (CRLF line endings, dot-stuffed, no
+terminating ``.``).  Keeping the wire form means a delivery writes the file's bytes as they are.
+
+A file appears in ``incoming/`` only by ``rename`` from ``tmp/`` after ``fsync``, and the directory
+is fsync'd before the client hears ``250``: a crash leaves a complete entry or none.  Concurrent
+sessions share one directory fsync (group commit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyrelay.errors import SpoolFullError, SpoolWriteError
+
+MAGIC = b"PYRELAY1 "
+STATES = ("incoming", "deferred", "hold")
+DIRS = ("tmp", *STATES, "corrupt")
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+Chunk = bytes | bytearray | memoryview
+
+
+def new_queue_id() -> str:
+    """16 hex digits: milliseconds (sortable, like Postfix long IDs) and 24 random bits."""
+    return f"{int(time.time() * 1000) & 0xFFFFFFFFFF:010X}{secrets.randbits(24):06X}"
+
+
+@dataclass(slots=True)
+class Envelope:
+    """What the queue knows about a message besides its content."""
+
+    queue_id: str
+    sender: str
+    recipients: list[str]
+    arrival: float
+    size: int = 0
+    client: str = ""
+    smtputf8: bool = False
+    eightbit: bool = False
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_error: str = ""
+    delivered: list[str] = field(default_factory=list)
+    state: str = "incoming"
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        del data["state"]
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+    @classmethod
+    def from_json(cls, raw: bytes, state: str) -> Envelope:
+        data: dict[str, Any] = json.loads(raw)
+        env = cls(**data)
+        if not isinstance(env.recipients, list) or not all(
+            isinstance(r, str) for r in env.recipients
+        ):
+            raise ValueError("recipients must be a list of strings")
+        env.state = state
+        return env
+
+
+class CorruptEntry(Exception):
+    """A queue file that cannot be parsed."""
+
+
+def encode_header(env: Envelope) -> bytes:
+    body = env.to_json()
+    return MAGIC + str(len(body)).encode() + b"\n" + body + b"\n"
+
+
+def parse_entry(raw: bytes, state: str, queue_id: str) -> tuple[Envelope, int]:
+    """Return the envelope and the offset where the message starts."""
+    if not raw.startswith(MAGIC):
+        raise CorruptEntry("bad magic")
+    nl = raw.find(b"\n", len(MAGIC), len(MAGIC) + 12)
+    if nl < 0 or not raw[len(MAGIC) : nl].isdigit():
+        raise CorruptEntry("bad header line")
+    length = int(raw[len(MAGIC) : nl])
+    start = nl + 1
+    end = start + length
+    if raw[end : end + 1] != b"\n":
+        raise CorruptEntry("truncated envelope")
+    try:
+        env = Envelope.from_json(raw[start:end], state)
+    except (ValueError, TypeError) as exc:
+        raise CorruptEntry(f"bad envelope: {exc}") from None
+    if env.queue_id != queue_id:
+        raise CorruptEntry("queue id does not match file name")
+    offset = end + 1
+    if len(raw) - offset != env.size:
+        raise CorruptEntry(f"message is {len(raw) - offset} bytes, envelope says {env.size}")
+    return env, offset
+
+
+class _DirSync:
+    """Coalesce directory fsyncs: every caller is covered by one fsync that started after it."""
+
+    def __init__(self, path: Path, executor: ThreadPoolExecutor) -> None:
+        self._path = path
+        self._executor = executor
+        self._pending: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def _fsync(self) -> None:
+        fd = os.open(self._path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def sync(self) -> None:
+        fut = self._pending
+        if fut is None:
+            fut = self._pending = asyncio.get_running_loop().create_future()
+            if self._task is None:
+                self._task = asyncio.get_running_loop().create_task(self._drain())
+        # Shielded: one cancelled session must not cancel the fsync the others wait for.
+        await asyncio.shield(fut)
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending is not None:
+                # Callers arriving from now on join the next round, whose fsync starts after
+                # their rename; that is what makes sharing one fsync safe.
+                fut, self._pending = self._pending, None
+                try:
+                    await loop.run_in_executor(self._executor, self._fsync)
+                except OSError as exc:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(None)
+        finally:
+            self._task = None
+
+
+class Spool:
+    """The queue directories under ``root``."""
+
+    def __init__(self, root: Path, *, threads: int = 8) -> None:
+        self.root = Path(root)
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="spool")
+        self._dirsync: dict[str, _DirSync] = {
+            state: _DirSync(self.root / state, self._executor) for state in STATES
+        }
+
+    def path(self, state: str, queue_id: str) -> Path:
+        return self.root / state / queue_id
+
+    def prepare(self) -> None:
+        """Create the directories and prove the spool is writable (raises ``OSError``)."""
+        for name in DIRS:
+            (self.root / name).mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe = self.root / "tmp" / f".probe-{os.getpid()}"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"ok")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _write_file(self, env: Envelope, chunks: Sequence[Chunk], state: str) -> None:
+        tmp = self.root / "tmp" / f"{env.queue_id}.{state}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                parts = [encode_header(env), *chunks]
+                total = sum(len(p) for p in parts)
+                written = os.writev(fd, parts)
+                if written != total:
+                    _write_rest(fd, parts, written)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.path(state, env.queue_id))
+        except OSError as exc:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            if exc.errno in _FULL_ERRNOS:
+                raise SpoolFullError() from exc
+            raise SpoolWriteError() from exc
+
+    async def store(self, env: Envelope, chunks: Sequence[Chunk]) -> None:
+        """Write a new entry into ``incoming/`` durably; raise ``SpoolError`` (with its reply)."""
+        env.size = sum(len(c) for c in chunks)
+        env.state = "incoming"
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._write_file, env, chunks, "incoming")
+        try:
+            await self._dirsync["incoming"].sync()
+        except OSError as exc:
+            self.remove(env)
+            if exc.errno in _FULL_ERRNOS:
+                raise SpoolFullError() from exc
+            raise SpoolWriteError() from exc
+
+    async def rewrite(self, env: Envelope, message: bytes, state: str) -> None:
+        """Persist a changed envelope (after an attempt) under ``state``, replacing the old file."""
+        old_state = env.state
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._write_file, env, [message], state)
+        await self._dirsync[state].sync()
+        env.state = state
+        if old_state != state:
+            # Losing this unlink in a crash leaves two copies; recovery keeps the later state.
+            self._unlink(old_state, env.queue_id)
+
+    def remove(self, env: Envelope) -> None:
+        """Drop a finished entry.  Not fsync'd: a crash may resurrect it (at-least-once)."""
+        self._unlink(env.state, env.queue_id)
+
+    def _unlink(self, state: str, queue_id: str) -> None:
+        try:
+            os.unlink(self.path(state, queue_id))
+        except FileNotFoundError:
+            pass
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read(self, state: str, queue_id: str) -> tuple[Envelope, bytes]:
+        """Envelope and wire-form message of one entry; ``CorruptEntry`` if unparsable."""
+        with open(self.path(state, queue_id), "rb") as f:
+            raw = f.read()
+        env, offset = parse_entry(raw, state, queue_id)
+        return env, raw[offset:]
+
+    async def read_async(self, state: str, queue_id: str) -> tuple[Envelope, bytes]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.read, state, queue_id)
+
+    def quarantine(self, state: str, queue_id: str) -> None:
+        try:
+            os.replace(self.path(state, queue_id), self.root / "corrupt" / queue_id)
+        except FileNotFoundError:
+            pass
+
+    def ids(self, state: str) -> Iterator[str]:
+        try:
+            names = os.listdir(self.root / state)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if not name.startswith("."):
+                yield name
+
+    def clean_tmp(self) -> int:
+        """Remove half-written files left by a crash; their clients never got ``250``."""
+        removed = 0
+        for name in os.listdir(self.root / "tmp"):
+            try:
+                os.unlink(self.root / "tmp" / name)
+                removed += 1
+            except OSError:
+                pass
+        return removed
+
+    def find(self, queue_id: str) -> str | None:
+        for state in STATES:
+            if self.path(state, queue_id).exists():
+                return state
+        return None
+
+    def move(self, queue_id: str, src: str, dst: str, *, due_now: bool = False) -> bool:
+        """Operator moves (hold/release).  Returns False when the entry is not in ``src``."""
+        try:
+            env, message = self.read(src, queue_id)
+        except FileNotFoundError:
+            return False
+        if due_now:
+            env.next_attempt = 0.0
+        env.state = dst
+        self._write_file(env, [message], dst)
+        self._unlink(src, queue_id)
+        return True
+
+
+def _write_rest(fd: int, parts: Sequence[Chunk], written: int) -> None:
+    """Finish a short ``writev`` (rare: signals, very large writes)."""
+    for part in parts:
+        view = memoryview(part)
+        if written >= len(view):
+            written -= len(view)
+            continue
+        view = view[written:]
+        written = 0
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
