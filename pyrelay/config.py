@@ -108,7 +108,9 @@ def normalize_domain(domain: str) -> str:
     return domain
 
 
-def parse_host_port(value: str, default_port: int, *, what: str) -> HostPort:
+def parse_host_port(
+    value: str, default_port: int, *, what: str, allow_zero: bool = False
+) -> HostPort:
     """``host``, ``host:port``, ``[host]``, ``[host]:port`` and ``[::1]:25``."""
     value = value.strip()
     if not value:
@@ -130,7 +132,8 @@ def parse_host_port(value: str, default_port: int, *, what: str) -> HostPort:
     if not host:
         raise ValueError(f"invalid {what} {value!r}: empty host")
     if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        lowest = 0 if allow_zero else 1
+        if not port_text.isdigit() or not lowest <= int(port_text) < 65536:
             raise ValueError(f"invalid {what} {value!r}: port must be 1-65535")
         port = int(port_text)
     else:
@@ -306,7 +309,9 @@ class Settings(BaseSettings):
         if not items:
             raise ValueError("at least one host:port is required")
         return tuple(
-            item if isinstance(item, HostPort) else parse_host_port(item, 25, what="address")
+            item
+            if isinstance(item, HostPort)
+            else parse_host_port(item, 25, what="address", allow_zero=True)
             for item in items
         )
 

@@ -8,6 +8,7 @@ Credentials are only ever sent over an encrypted connection, whatever the TLS le
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import ssl
@@ -128,9 +129,8 @@ async def _tcp_connect(
             )
         except OSError as exc:
             sock.close()
-            last = DeliveryError(
-                "4.4.1", f"connect to {relay}: {exc.strerror or exc}", kind=Step.TCP
-            )
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            last = DeliveryError("4.4.1", f"connect to {relay}: {reason}", kind=Step.TCP)
         else:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return sock, relay
