@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import types
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -32,6 +33,12 @@ READ_CHUNK = 256 * 1024
 # threshold is twice the limit), which was a large part of aiosmtpd's DATA cost.
 STREAM_LIMIT = 64 * 1024
 
+# ``<dot-atom@dot-atom>`` followed by anything (the ESMTP parameters).
+_SIMPLE_PATH = re.compile(
+    r"[ \t]*<((?![.])(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|[.](?![.@]))+"
+    r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*(.*)\Z",
+    re.S,
+)
 _REPLY = re.compile(r"^([2-5]\d\d)([ -])(.*)$", re.S)
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}(?:\s|$)")
 # Enhanced status codes for aiosmtpd's built-in replies that have none (RFC 3463 / Postfix).
@@ -149,13 +156,64 @@ class RelaySMTP(SMTP):
     line_length_limit = STREAM_LIMIT
 
     def __init__(self, listener: Listener, **kwargs: Any) -> None:
-        super().__init__(RelayHandler(listener), **kwargs)
+        template = listener.template
+        if template is None:
+            super().__init__(listener.handler, **kwargs)
+        else:
+            self._init_from(template)
         self.listener = listener
         self._refuse = False
         self._in_ehlo = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._session_timer: asyncio.TimerHandle | None = None
+
+    def _init_from(self, template: RelaySMTP) -> None:
+        """Per-connection set-up without aiosmtpd's introspection.
+
+        ``SMTP.__init__`` runs ``inspect.getmembers`` over the protocol and the handler on every
+        connection to build its command and hook tables; with one message per connection (how
+        web apps send) that was the largest single CPU cost.  The tables are the same for every
+        connection, so copy them from a template built once and re-bind the methods to this
+        instance; per-connection state is reset exactly as ``SMTP.__init__`` sets it.
+        """
+        self.__dict__.update(template.__dict__)
+        loop = template.loop
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=loop,
+        )
+        self._smtp_methods = {
+            name: types.MethodType(method.__func__, self)
+            for name, method in template._smtp_methods.items()
+        }
+        self._auth_methods = {
+            name: type(impl)(
+                types.MethodType(impl.method.__func__, self) if impl.is_builtin else impl.method,
+                impl.is_builtin,
+            )
+            for name, impl in template._auth_methods.items()
+        }
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # The common ``<local@domain> [params]`` form without the email header parser (which
+        # also defines a Protocol class on every call in aiosmtpd 1.4); anything unusual takes
+        # aiosmtpd's full RFC 5322 path.
+        match = _SIMPLE_PATH.match(arg)
+        if match:
+            return match.group(1), match.group(2)
+        result: tuple[str | None, str | None] = super()._getaddr(arg)
+        return result
 
     # -- connection ------------------------------------------------------------------------
 
@@ -294,8 +352,15 @@ class Listener:
         self.sessions: set[RelaySMTP] = set()
         self.closing = False
         self.ports: list[tuple[str, int]] = []
+        self.handler = RelayHandler(self)
+        self.template: RelaySMTP | None = None
 
     def factory(self) -> RelaySMTP:
+        if self.template is None:
+            self.template = self._build()
+        return RelaySMTP(self)
+
+    def _build(self) -> RelaySMTP:
         s = self.settings
         return RelaySMTP(
             self,
