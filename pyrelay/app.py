@@ -6,7 +6,11 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Iterator
+import socket
+import time
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from pyrelay import __version__
 from pyrelay.config import Settings, known_env_names
@@ -16,6 +20,7 @@ from pyrelay.metrics import Metrics
 from pyrelay.scheduler import Scheduler
 from pyrelay.server import Listener
 from pyrelay.spool import Spool
+from pyrelay.workers import Handoff, WorkerPool, fork_workers
 
 log = get_logger("pyrelay")
 
@@ -23,12 +28,20 @@ PID_FILE = "pyrelay.pid"
 
 
 class Relay:
-    def __init__(self, settings: Settings) -> None:
+    """One relay process.  ``worker`` 0 is the primary (recovery, retries, CLI signals); others
+    are secondary listener/delivery processes started by it (see ``pyrelay.workers``)."""
+
+    def __init__(
+        self, settings: Settings, *, worker: int = 0, prefork: Prefork | None = None
+    ) -> None:
         self.settings = settings
+        self.worker = worker
+        self.prefork = prefork
         self.metrics = Metrics()
-        self.spool = Spool(settings.spool_dir)
+        self.spool = Spool(settings.spool_dir, worker=worker)
         self.scheduler = Scheduler(settings, self.spool, self.metrics)
         self.listener = Listener(settings, self.spool, self.metrics, self.scheduler.submit)
+        self.pool: WorkerPool | None = None
         self.started = asyncio.Event()
         self._exit = asyncio.Event()
 
@@ -36,6 +49,9 @@ class Relay:
         self._exit.set()
 
     async def startup(self) -> None:
+        if self.worker:
+            await self._startup_secondary()
+            return
         s = self.settings
         log.info(
             "starting",
@@ -50,7 +66,7 @@ class Relay:
             raise ConfigError(
                 f"PYRELAY_SPOOL_DIR: {s.spool_dir} is not writable: {exc.strerror or exc}"
             ) from None
-        recovered = self.scheduler.recover()
+        recovered = self.scheduler.recover(self.prefork.found if self.prefork else None)
         if recovered:
             log.info("queue_recovered", messages=recovered)
         self.scheduler.start()
@@ -64,19 +80,38 @@ class Relay:
         if s.metrics_listen is not None:
             self.metrics.serve(s.metrics_listen)
             log.info("metrics_listening", address=str(s.metrics_listen))
+        if self.prefork is not None:
+            self.pool = WorkerPool(s, self.scheduler, self.prefork.pids)
+            await self.pool.start(self.prefork.notify)
         (s.spool_dir / PID_FILE).write_text(f"{os.getpid()}\n")
         self.started.set()
-        log.info("started", version=__version__)
+        log.info("started", version=__version__, workers=s.workers)
+
+    async def _startup_secondary(self) -> None:
+        # The primary has prepared and recovered the spool; this process only serves.
+        self.scheduler.handoff = Handoff(self.settings)
+        self.scheduler.start()
+        await self.listener.start()
+        self.started.set()
 
     async def shutdown(self) -> None:
         grace = self.settings.shutdown_grace
-        log.info("stopping", grace=grace)
+        log.info("stopping", grace=grace, worker=self.worker)
+        if self.pool is not None:
+            # Secondaries drain in parallel with this process (they got SIGTERM too).
+            pool_stopped = asyncio.create_task(self.pool.stop(grace))
+        # One grace period for the whole shutdown, not one per stage: container runtimes
+        # SIGKILL after theirs (Docker: 10 s), and deliveries ran while the listener waited.
+        deadline = time.monotonic() + grace
         await self.listener.stop(grace)
-        await self.scheduler.stop(grace)
+        await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
+        if self.pool is not None:
+            await pool_stopped
         self.spool.close()
-        with contextlib.suppress(OSError):
-            (self.settings.spool_dir / PID_FILE).unlink()
-        log.info("stopped")
+        if not self.worker:
+            with contextlib.suppress(OSError):
+                (self.settings.spool_dir / PID_FILE).unlink()
+        log.info("stopped", worker=self.worker)
 
     async def serve(self) -> None:
         with self._signals():
@@ -94,8 +129,9 @@ class Relay:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_exit_signal, sig)
                 installed.append(sig)
-            loop.add_signal_handler(signal.SIGUSR1, self._on_flush)
-            installed.append(signal.SIGUSR1)
+            if not self.worker:  # deferred entries belong to the primary alone
+                loop.add_signal_handler(signal.SIGUSR1, self._on_flush)
+                installed.append(signal.SIGUSR1)
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread (tests run relays in-process)
         try:
@@ -129,15 +165,56 @@ def warn_unknown_postfix_variables() -> None:
         )
 
 
-def run(settings: Settings) -> None:
-    """Run the relay in the foreground until SIGTERM/SIGINT."""
+@dataclass
+class Prefork:
+    """What the primary prepared before forking its workers."""
+
+    pids: dict[int, int]
+    notify: socket.socket
+    found: list[tuple[str, float, float]]
+
+
+def _prefork(settings: Settings) -> Prefork:
+    spool = Spool(settings.spool_dir)
+    try:
+        spool.prepare()
+    except OSError as exc:
+        raise ConfigError(
+            f"PYRELAY_SPOOL_DIR: {settings.spool_dir} is not writable: {exc.strerror or exc}"
+        ) from None
+    # Leftovers are listed before any worker can add entries of its own.
+    found = Scheduler(settings, spool, Metrics()).scan()
+    notify = WorkerPool.open_notify_socket(settings)
+    return Prefork(fork_workers(settings, serve_worker), notify, found)
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - optional speed-up
-        asyncio.run(_serve(settings))
+        asyncio.run(main)
     else:
-        uvloop.run(_serve(settings))
+        uvloop.run(main)
 
 
-async def _serve(settings: Settings) -> None:
-    await Relay(settings).serve()
+def run(settings: Settings) -> None:
+    """Run the relay in the foreground until SIGTERM/SIGINT."""
+    prefork = _prefork(settings) if settings.workers > 1 else None
+    try:
+        _run_loop(Relay(settings, prefork=prefork).serve())
+    finally:
+        if prefork is not None:
+            _stop_children(prefork.pids)
+
+
+def _stop_children(pids: dict[int, int]) -> None:
+    """Only matters when start-up failed: a clean shutdown has already reaped the workers."""
+    for pid in pids.values():
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGTERM)
+            os.waitpid(pid, 0)
+
+
+def serve_worker(settings: Settings, worker: int) -> None:
+    """Entry point of a secondary worker process (forked, or ``pyrelay worker N``)."""
+    _run_loop(Relay(settings, worker=worker).serve())

@@ -32,6 +32,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A replacement secondary worker, started by the primary (PYRELAY_WORKERS > 1)."""
+    from pyrelay.app import serve_worker
+    from pyrelay.workers import die_with_parent
+
+    die_with_parent(args.parent)
+    settings = _settings()
+    configure_logging(settings.log_format, settings.log_level)
+    serve_worker(settings, args.index)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyrelay",
@@ -44,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     run = sub.add_parser("run", help="run the relay in the foreground (the default)")
     run.set_defaults(func=cmd_run)
+    worker = sub.add_parser("worker", help=argparse.SUPPRESS)
+    worker.add_argument("index", type=int)
+    worker.add_argument("--parent", type=int, required=True)
+    worker.set_defaults(func=cmd_worker)
     from pyrelay import commands
 
     commands.register(sub)

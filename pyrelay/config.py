@@ -233,6 +233,7 @@ class Settings(BaseSettings):
     hostname: str = Field(
         default="", validation_alias=AliasChoices("PYRELAY_HOSTNAME", "POSTFIX_myhostname")
     )
+    workers: int = Field(default=1, ge=1, le=16, validation_alias=AliasChoices("PYRELAY_WORKERS"))
     concurrency: int = Field(
         default=20, ge=1, le=1000, validation_alias=AliasChoices("PYRELAY_CONCURRENCY")
     )

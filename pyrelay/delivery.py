@@ -230,10 +230,7 @@ class Upstream:
             if implicit:
                 steps.append((Step.TLS, f"implicit TLS ({_cipher(client)})"))
             steps.append((Step.GREETING, f"{greeting.code} {one_line(greeting.message)}"))
-        try:
-            await client.ehlo()
-        except aiosmtplib.SMTPHeloError:
-            await client.helo()
+        await _ehlo(client, relay)
         if not implicit and self.tls_context is not None:
             if client.supports_extension("starttls"):
                 try:
@@ -247,10 +244,18 @@ class Upstream:
                             f"Cannot start TLS: {relay} said: {exc.code} {one_line(exc.message)}",
                             kind=Step.TLS,
                         ) from None
+                except aiosmtplib.SMTPTimeoutError as exc:
+                    if _is_tls_error(exc):
+                        raise _tls_failure(relay, exc) from None
+                    raise DeliveryError(
+                        "4.4.2",
+                        f"conversation with {relay} timed out while sending STARTTLS",
+                        kind=Step.TLS,
+                    ) from None
                 except (aiosmtplib.SMTPException, OSError) as exc:
                     raise _tls_failure(relay, exc) from None
                 else:
-                    await client.ehlo()
+                    await _ehlo(client, relay)
                     if steps is not None:
                         steps.append((Step.TLS, f"STARTTLS ({_cipher(client)})"))
             elif s.tls_level.requires_tls:
@@ -398,6 +403,31 @@ def _all(
     recipients: Sequence[str], code: int, message: str, relay: str, stage: str
 ) -> list[RecipientResult]:
     return [_result(r, code, message, relay, stage) for r in recipients]
+
+
+async def _ehlo(client: aiosmtplib.SMTP, relay: str) -> None:
+    """EHLO, falling back to HELO.  A stall, a dropped connection or a refusal here defers the
+    message like any other connection failure (it must never escape as an unexpected error)."""
+    stage = "while performing the EHLO handshake"
+    try:
+        try:
+            await client.ehlo()
+        except aiosmtplib.SMTPHeloError:
+            await client.helo()
+    except aiosmtplib.SMTPTimeoutError:
+        raise DeliveryError(
+            "4.4.2", f"conversation with {relay} timed out {stage}", kind=Step.GREETING
+        ) from None
+    except aiosmtplib.SMTPResponseException as exc:
+        raise DeliveryError(
+            "4" + dsn_of(exc.code, exc.message)[1:],
+            f"host {relay} said: {exc.code} {one_line(exc.message)} (in reply to EHLO command)",
+            kind=Step.GREETING,
+        ) from None
+    except (aiosmtplib.SMTPException, OSError):
+        raise DeliveryError(
+            "4.4.2", f"lost connection with {relay} {stage}", kind=Step.GREETING
+        ) from None
 
 
 def _is_tls_error(exc: BaseException) -> bool:

@@ -20,7 +20,7 @@ from pyrelay.delivery import Outcome, RecipientResult, Session, Upstream
 from pyrelay.errors import DeliveryError, SpoolError
 from pyrelay.logging import get_logger
 from pyrelay.metrics import Metrics
-from pyrelay.spool import CorruptEntry, Envelope, Spool, new_queue_id
+from pyrelay.spool import CorruptEntry, Envelope, Spool, worker_of
 from pyrelay.wire import dot_stuff, header_block
 
 log = get_logger("pyrelay.scheduler")
@@ -65,16 +65,22 @@ class Scheduler:
         self._suspended_until = 0.0
         self._suspend_reason: DeliveryError | None = None
         self.arrivals: dict[str, float] = {}
+        # Set in secondary worker processes: deferred entries are handed to the primary
+        # process, which alone schedules retries (one owner per deferred entry).
+        self.handoff: Callable[[Envelope], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def recover(self) -> int:
-        """Load every queue entry left by a previous run.  Returns the number recovered."""
+    def scan(self) -> list[tuple[str, float, float]]:
+        """Read every queue entry left by a previous run: ``(queue_id, due_in, arrival)``.
+
+        Needs no event loop, so a multi-worker relay runs it before forking its workers (their
+        new entries must not be mistaken for leftovers)."""
         removed = self.spool.clean_tmp()
         if removed:
             log.info("spool_cleanup", removed_partial=removed)
         deferred = set(self.spool.ids("deferred"))
-        count = 0
+        found: list[tuple[str, float, float]] = []
         for state in ("incoming", "deferred"):
             for queue_id in self.spool.ids(state):
                 if state == "incoming" and queue_id in deferred:
@@ -92,10 +98,17 @@ class Scheduler:
                     log.error("unreadable_queue_file", queue_id=queue_id, reason=str(exc))
                     continue
                 due_in = 0.0 if state == "incoming" else self._clamp(env.next_attempt - time.time())
-                self._schedule(queue_id, due_in)
-                self.arrivals[queue_id] = env.arrival
-                count += 1
-        return count
+                found.append((queue_id, due_in, env.arrival))
+        return found
+
+    def recover(self, found: list[tuple[str, float, float]] | None = None) -> int:
+        """Schedule the entries of a previous run (scanning now unless ``found`` is given)."""
+        if found is None:
+            found = self.scan()
+        for queue_id, due_in, arrival in found:
+            self._schedule(queue_id, due_in)
+            self.arrivals[queue_id] = arrival
+        return len(found)
 
     def _clamp(self, seconds: float) -> float:
         # A wall clock that jumped backwards must not push retries out beyond the longest backoff.
@@ -160,6 +173,31 @@ class Scheduler:
             self._schedule(queue_id, 0.0)
         self._wake.set()
         return len(ids)
+
+    def adopt(self, queue_id: str, next_attempt: float, arrival: float) -> None:
+        """Take over a deferred entry from a secondary worker process."""
+        if queue_id in self._known:
+            return
+        self.arrivals[queue_id] = arrival
+        self._schedule(queue_id, self._clamp(next_attempt - time.time()))
+
+    def adopt_unknown_deferred(self) -> int:
+        """Schedule ``deferred/`` entries this process does not know (a lost hand-off)."""
+        count = 0
+        for queue_id in set(self.spool.ids("deferred")) - self._known:
+            self._schedule(queue_id, self.settings.min_backoff)
+            count += 1
+        return count
+
+    def adopt_orphans(self, worker: int) -> int:
+        """Take over the ``incoming/`` entries of a worker process that died, before a
+        replacement (which reuses the index) can create new ones."""
+        count = 0
+        for queue_id in self.spool.ids("incoming"):
+            if worker_of(queue_id) == worker and queue_id not in self._known:
+                self._schedule(queue_id, 0.0)
+                count += 1
+        return count
 
     def queue_stats(self) -> tuple[int, float]:
         now = time.time()
@@ -380,12 +418,37 @@ class Scheduler:
                     status=f"deferred ({res.reply})",
                     next_attempt_in=round(wait),
                 )
-            self._schedule(env.queue_id, wait)
+            if self.handoff is not None:
+                self.handoff(env)
+                self._forget(env.queue_id)
+            else:
+                self._schedule(env.queue_id, wait)
         else:
-            self.spool.remove(env)
-            self._forget(env.queue_id)
             self.metrics.latency.observe(now - env.arrival)
-            log.info("removed", queue_id=env.queue_id)
+            self._remove(env, 0.0)
+
+    def _remove(self, env: Envelope, waited: float) -> None:
+        """Unlink a finished entry.  When the spool refuses (read-only, I/O error), retry only
+        the unlink: the message must not be delivered again and again by this process.  It
+        stays in ``_known`` meanwhile so that ``flush`` does not pick it up; a restart before
+        the unlink succeeds re-delivers it (the documented at-least-once window)."""
+        try:
+            self.spool.remove(env)
+        except OSError as exc:
+            if not waited:
+                log.error(
+                    "queue_file_remove_failed",
+                    queue_id=env.queue_id,
+                    reason=exc.strerror or str(exc),
+                    note="delivered; retrying the unlink only",
+                )
+            self.arrivals.pop(env.queue_id, None)
+            if not self._closing:
+                wait = min(max(0.5, waited * 2), max(0.5, self.settings.max_backoff))
+                asyncio.get_running_loop().call_later(wait, self._remove, env, wait)
+            return
+        self._forget(env.queue_id)
+        log.info("removed", queue_id=env.queue_id)
 
     async def _bounce(
         self, env: Envelope, message: bytes, bounced: list[RecipientResult], relay: str
@@ -394,7 +457,7 @@ class Scheduler:
             # RFC 5321 6.1: never bounce a bounce; Postfix logs and drops it the same way.
             log.info("bounce_suppressed", queue_id=env.queue_id, reason="null sender")
             return
-        bounce_id = new_queue_id()
+        bounce_id = self.spool.new_id()
         now = datetime.now(UTC)
         remote = None if relay == "none" else relay.split("[", 1)[0]
         body = build_bounce(

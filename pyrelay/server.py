@@ -22,7 +22,7 @@ from pyrelay.logging import get_logger
 from pyrelay.metrics import Metrics
 from pyrelay.policy import Policy
 from pyrelay.rewrite import build_received, masquerade_address, rewrite_message
-from pyrelay.spool import Envelope, Spool, new_queue_id
+from pyrelay.spool import Envelope, Spool
 from pyrelay.wire import TERMINATOR, has_bare_eol, normalize_wire
 
 log = get_logger("pyrelay.server")
@@ -191,7 +191,9 @@ class RelaySMTP(SMTP):
         }
         self._auth_methods = {
             name: type(impl)(
-                types.MethodType(impl.method.__func__, self) if impl.is_builtin else impl.method,
+                types.MethodType(impl.method.__func__, self)  # type: ignore[attr-defined]
+                if impl.is_builtin
+                else impl.method,
                 impl.is_builtin,
             )
             for name, impl in template._auth_methods.items()
@@ -238,6 +240,14 @@ class RelaySMTP(SMTP):
         if isinstance(self.transport, asyncio.WriteTransport):
             self.transport.write(b"421 4.4.2 Error: session time limit exceeded\r\n")
             self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd hangs up silently; Postfix's smtpd_timeout tells the client why.
+        log.info("command_timeout", client=client_ip(self.session) if self.session else "?")
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     async def _handle_client(self) -> None:
         if self._refuse:
@@ -377,7 +387,13 @@ class Listener:
         loop = asyncio.get_running_loop()
         for host, port in self.settings.listen:
             server = await loop.create_server(
-                self.factory, host=host, port=port, reuse_address=True, backlog=1024
+                self.factory,
+                host=host,
+                port=port,
+                reuse_address=True,
+                # Several worker processes share each address; the kernel spreads connections.
+                reuse_port=self.settings.workers > 1,
+                backlog=1024,
             )
             self.servers.append(server)
             for sock in server.sockets:
@@ -429,7 +445,7 @@ class Listener:
         if masq and sender:
             sender = masquerade_address(sender, masq)
         recipients = list(smtp_env.rcpt_tos)
-        queue_id = new_queue_id()
+        queue_id = self.spool.new_id()
         now = datetime.now(UTC)
         smtputf8 = bool(smtp_env.smtp_utf8)
         received = build_received(

@@ -22,12 +22,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import math
 import os
 import secrets
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,18 @@ _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 Chunk = bytes | bytearray | memoryview
 
 
-def new_queue_id() -> str:
-    """16 hex digits: milliseconds (sortable, like Postfix long IDs) and 24 random bits."""
-    return f"{int(time.time() * 1000) & 0xFFFFFFFFFF:010X}{secrets.randbits(24):06X}"
+def new_queue_id(worker: int = 0) -> str:
+    """16 hex digits: milliseconds (sortable, like Postfix long IDs), 20 random bits, and the
+    index of the worker process that accepted the message (it owns the entry in incoming/)."""
+    return f"{int(time.time() * 1000) & 0xFFFFFFFFFF:010X}{secrets.randbits(20):05X}{worker & 15:X}"
+
+
+def worker_of(queue_id: str) -> int:
+    """The worker process that owns a queue ID made by ``new_queue_id``."""
+    try:
+        return int(queue_id[-1], 16)
+    except (IndexError, ValueError):
+        return 0
 
 
 @dataclass(slots=True)
@@ -64,20 +74,61 @@ class Envelope:
     state: str = "incoming"
 
     def to_json(self) -> bytes:
-        data = asdict(self)
-        del data["state"]
-        return json.dumps(data, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+        # Explicit dict: dataclasses.asdict deep-copies recursively and was visible in profiles.
+        data = {
+            "queue_id": self.queue_id,
+            "sender": self.sender,
+            "recipients": self.recipients,
+            "arrival": self.arrival,
+            "size": self.size,
+            "client": self.client,
+            "smtputf8": self.smtputf8,
+            "eightbit": self.eightbit,
+            "attempts": self.attempts,
+            "next_attempt": self.next_attempt,
+            "last_error": self.last_error,
+            "delivered": self.delivered,
+        }
+        return _ENCODER.encode(data).encode("ascii")
 
     @classmethod
     def from_json(cls, raw: bytes, state: str) -> Envelope:
         data: dict[str, Any] = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("envelope must be a JSON object")
         env = cls(**data)
-        if not isinstance(env.recipients, list) or not all(
-            isinstance(r, str) for r in env.recipients
-        ):
-            raise ValueError("recipients must be a list of strings")
+        # Well-formed JSON of the wrong types must be quarantined here, not crash start-up
+        # (``next_attempt - time.time()``) or loop in delivery.
+        for name, kind in _FIELD_TYPES.items():
+            value = getattr(env, name)
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                raise ValueError(f"{name} has the wrong type")
+        for name in ("recipients", "delivered"):
+            if not all(isinstance(r, str) for r in getattr(env, name)):
+                raise ValueError(f"{name} must be a list of strings")
+        if not (math.isfinite(env.arrival) and math.isfinite(env.next_attempt)):
+            raise ValueError("arrival and next_attempt must be finite")
         env.state = state
         return env
+
+
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "queue_id": str,
+    "sender": str,
+    "recipients": list,
+    "arrival": (int, float),
+    "size": int,
+    "client": str,
+    "smtputf8": bool,
+    "eightbit": bool,
+    "attempts": int,
+    "next_attempt": (int, float),
+    "last_error": str,
+    "delivered": list,
+}
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
 
 
 class CorruptEntry(Exception):
@@ -103,7 +154,7 @@ def parse_entry(raw: bytes, state: str, queue_id: str) -> tuple[Envelope, int]:
         raise CorruptEntry("truncated envelope")
     try:
         env = Envelope.from_json(raw[start:end], state)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         raise CorruptEntry(f"bad envelope: {exc}") from None
     if env.queue_id != queue_id:
         raise CorruptEntry("queue id does not match file name")
@@ -158,12 +209,16 @@ class _DirSync:
 class Spool:
     """The queue directories under ``root``."""
 
-    def __init__(self, root: Path, *, threads: int = 8) -> None:
+    def __init__(self, root: Path, *, threads: int = 8, worker: int = 0) -> None:
         self.root = Path(root)
+        self.worker = worker
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="spool")
         self._dirsync: dict[str, _DirSync] = {
             state: _DirSync(self.root / state, self._executor) for state in STATES
         }
+
+    def new_id(self) -> str:
+        return new_queue_id(self.worker)
 
     def path(self, state: str, queue_id: str) -> Path:
         return self.root / state / queue_id

@@ -1,0 +1,221 @@
+"""Secondary worker processes (``PYRELAY_WORKERS`` > 1): a second core for the hot path.
+
+Every worker listens on the same addresses (``SO_REUSEPORT``; the kernel spreads connections),
+spools what it accepts and delivers it at once over its own upstream connections.  Ownership
+keeps the queue consistent without locks:
+
+- an ``incoming/`` entry belongs to the worker whose index ends its queue ID;
+- every ``deferred/`` entry belongs to the primary process (index 0): a secondary hands each
+  deferral over through a datagram socket, and the primary alone schedules retries, flushes,
+  recovers at start-up, and adopts a dead worker's ``incoming/`` entries before replacing it.
+
+The first workers are forked before the event loop starts, sharing the imported code with the
+primary (``gc.freeze`` keeps the collector from un-sharing it); a replacement for a worker that
+died is a fresh ``pyrelay worker N`` process, because forking a process with a running event
+loop and threads is not safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import gc
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pyrelay.config import Settings
+from pyrelay.logging import get_logger
+from pyrelay.scheduler import Scheduler
+from pyrelay.spool import Envelope
+
+log = get_logger("pyrelay.workers")
+
+NOTIFY_SOCKET = "notify.sock"
+RESCAN_INTERVAL = 30.0
+
+
+def notify_path(settings: Settings) -> Path:
+    return settings.spool_dir / NOTIFY_SOCKET
+
+
+class Handoff:
+    """Used by a secondary worker: tell the primary about a newly deferred entry."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.path = str(notify_path(settings))
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def __call__(self, env: Envelope) -> None:
+        payload = f"{env.queue_id} {env.next_attempt:.3f} {env.arrival:.3f}".encode()
+        try:
+            self.sock.sendto(payload, self.path)
+        except OSError as exc:
+            # The entry is safe in deferred/; the primary's periodic rescan (or the next start)
+            # picks it up.
+            log.warning("handoff_failed", queue_id=env.queue_id, reason=exc.strerror or str(exc))
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGTERM this worker when the primary dies (even by SIGKILL), so that no
+    orphan keeps serving the port; the graceful shutdown still finishes sessions in DATA."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return
+    if os.getppid() != parent:  # the primary died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def fork_workers(settings: Settings, serve: Callable[[Settings, int], None]) -> dict[int, int]:
+    """Fork workers 1..N-1 (call before any event loop or thread exists).  Returns index -> pid."""
+    gc.collect()
+    gc.freeze()
+    pids: dict[int, int] = {}
+    primary = os.getpid()
+    for index in range(1, settings.workers):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 0
+            try:
+                die_with_parent(primary)
+                serve(settings, index)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        pids[index] = pid
+    gc.unfreeze()
+    return pids
+
+
+class WorkerPool:
+    """Run in the primary process: watch, replace and stop the secondary workers."""
+
+    def __init__(self, settings: Settings, scheduler: Scheduler, pids: dict[int, int]) -> None:
+        self.settings = settings
+        self.scheduler = scheduler
+        self.pids = dict(pids)
+        self.pidfds: dict[int, int] = {}
+        self.started_at: dict[int, float] = {i: time.monotonic() for i in pids}
+        self.closing = False
+        self.sock: socket.socket | None = None
+        self._rescan: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def open_notify_socket(settings: Settings) -> socket.socket:
+        """Bind the hand-off socket (before forking, so no hand-off can be lost)."""
+        path = notify_path(settings)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(path))
+        sock.setblocking(False)
+        return sock
+
+    async def start(self, sock: socket.socket) -> None:
+        self.sock = sock
+        loop = asyncio.get_running_loop()
+        loop.add_reader(sock.fileno(), self._drain)
+        for index, pid in self.pids.items():
+            self._watch(index, pid)
+            log.info("worker_started", worker=index, pid=pid)
+        self._rescan = asyncio.create_task(self._rescan_deferred())
+
+    def _watch(self, index: int, pid: int) -> None:
+        fd = os.pidfd_open(pid)
+        self.pidfds[index] = fd
+        asyncio.get_running_loop().add_reader(fd, self._exited, index)
+
+    def _unwatch(self, index: int) -> None:
+        fd = self.pidfds.pop(index, None)
+        if fd is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
+
+    def _reap(self, index: int) -> int | None:
+        try:
+            _, status = os.waitpid(self.pids[index], os.WNOHANG)
+        except ChildProcessError:
+            return None
+        return os.waitstatus_to_exitcode(status) if status else 0
+
+    def _spawn(self, index: int) -> None:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pyrelay", "worker", str(index), "--parent", str(os.getpid())],
+            close_fds=True,
+        )
+        self.pids[index] = proc.pid
+        self.started_at[index] = time.monotonic()
+        self._watch(index, proc.pid)
+        log.info("worker_started", worker=index, pid=proc.pid)
+
+    def _drain(self) -> None:
+        assert self.sock is not None
+        while True:
+            try:
+                data = self.sock.recv(512)
+            except OSError:
+                return
+            try:
+                queue_id, next_attempt, arrival = data.decode("ascii").split()
+                self.scheduler.adopt(queue_id, float(next_attempt), float(arrival))
+            except (UnicodeDecodeError, ValueError):
+                log.warning("handoff_garbled", size=len(data))
+
+    def _exited(self, index: int) -> None:
+        self._unwatch(index)
+        code = self._reap(index)
+        if self.closing:
+            return
+        log.error("worker_died", worker=index, pid=self.pids[index], exitcode=code)
+        self._drain()
+        adopted = self.scheduler.adopt_orphans(index)
+        if adopted:
+            log.info("worker_orphans_adopted", worker=index, messages=adopted)
+        # Do not spin if the worker cannot start at all (e.g. its port is taken).
+        delay = 0.0 if time.monotonic() - self.started_at[index] > 10 else 5.0
+        asyncio.get_running_loop().call_later(delay, self._respawn, index)
+
+    def _respawn(self, index: int) -> None:
+        if not self.closing:
+            self._spawn(index)
+
+    async def _rescan_deferred(self) -> None:
+        # Safety net for a hand-off datagram that never arrived.
+        while True:
+            await asyncio.sleep(RESCAN_INTERVAL)
+            self.scheduler.adopt_unknown_deferred()
+
+    async def stop(self, grace: float) -> None:
+        self.closing = True
+        if self._rescan is not None:
+            self._rescan.cancel()
+        for pid in self.pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace + 2
+        while self.pidfds and time.monotonic() < deadline:  # noqa: ASYNC110 - pidfd callbacks
+            await asyncio.sleep(0.05)
+        for index in list(self.pidfds):
+            log.warning("worker_killed", worker=index, pid=self.pids[index])
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pids[index], signal.SIGKILL)
+            self._unwatch(index)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pids[index], 0)  # noqa: ASYNC222 - just SIGKILLed
+        if self.sock is not None:
+            self._drain()
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+            with contextlib.suppress(OSError):
+                notify_path(self.settings).unlink()
