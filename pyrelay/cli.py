@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     run = sub.add_parser("run", help="run the relay in the foreground (the default)")
     run.set_defaults(func=cmd_run)
-    worker = sub.add_parser("worker", help=argparse.SUPPRESS)
+    worker = sub.add_parser("worker")  # internal: no help, so it is not listed
     worker.add_argument("index", type=int)
     worker.add_argument("--parent", type=int, required=True)
     worker.set_defaults(func=cmd_worker)
