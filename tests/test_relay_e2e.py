@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import MESSAGE, PASSWORD, USER, LogCapture, Upstream, wait_until
 
 
