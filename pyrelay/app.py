@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import socket
-import time
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -100,14 +99,14 @@ class Relay:
         if self.pool is not None:
             # Secondaries drain in parallel with this process (they got SIGTERM too).
             pool_stopped = asyncio.create_task(self.pool.stop(grace))
-        # One grace period for the whole shutdown, not one per stage: container runtimes
-        # SIGKILL after theirs (Docker: 10 s), and deliveries ran while the listener waited.
-        deadline = time.monotonic() + grace
-        await self.listener.stop(grace)
-        await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
+        # One grace period for the whole shutdown, not one per stage (container runtimes
+        # SIGKILL after theirs; Docker: 10 s): sessions in DATA finish while in-flight
+        # deliveries finish, and the scheduler starts no new ones (they stay queued).
+        await asyncio.gather(self.listener.stop(grace), self.scheduler.stop(grace))
         if self.pool is not None:
             await pool_stopped
         self.spool.close()
+        self.metrics.close()
         if not self.worker:
             with contextlib.suppress(OSError):
                 (self.settings.spool_dir / PID_FILE).unlink()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from collections.abc import Callable
@@ -432,15 +431,10 @@ def _smtp_problem(host: str, port: int, timeout: float) -> str:
 
 
 def _spool_problem(spool_dir: Path) -> str:
-    probe = spool_dir / "tmp" / f".health-{os.getpid()}"
+    from pyrelay.spool import probe_writable
+
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, b"ok")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        probe.unlink()
+        probe_writable(spool_dir)
     except OSError as exc:
         return f"not writable: {exc.strerror or exc}"
     return ""

@@ -395,7 +395,8 @@ class Settings(BaseSettings):
                 continue
             if getattr(self, f"relayhost_{name}").get_secret_value():
                 raise ValueError(
-                    f"set RELAYHOST_{name.upper()} or RELAYHOST_{name.upper()}_FILE, not both"
+                    f"RELAYHOST_{name.upper()}_FILE: set RELAYHOST_{name.upper()} or "
+                    f"RELAYHOST_{name.upper()}_FILE, not both"
                 )
             try:
                 secret = path.read_text(encoding="utf-8").rstrip("\r\n")

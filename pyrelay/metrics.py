@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from pyrelay.config import HostPort
@@ -10,6 +12,7 @@ from pyrelay.config import HostPort
 
 class Metrics:
     def __init__(self) -> None:
+        self._server: WSGIServer | None = None
         self.registry = CollectorRegistry()
         r = self.registry
         self.received = Counter(
@@ -40,4 +43,10 @@ class Metrics:
         )
 
     def serve(self, listen: HostPort) -> None:
-        start_http_server(listen.port, addr=listen.host, registry=self.registry)
+        self._server, _ = start_http_server(listen.port, addr=listen.host, registry=self.registry)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

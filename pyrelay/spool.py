@@ -227,14 +227,7 @@ class Spool:
         """Create the directories and prove the spool is writable (raises ``OSError``)."""
         for name in DIRS:
             (self.root / name).mkdir(parents=True, exist_ok=True, mode=0o700)
-        probe = self.root / "tmp" / f".probe-{os.getpid()}"
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, b"ok")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            probe.unlink(missing_ok=True)
+        probe_writable(self.root)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -356,6 +349,18 @@ class Spool:
         self._write_file(env, [message], dst)
         self._unlink(src, queue_id)
         return True
+
+
+def probe_writable(root: Path) -> None:
+    """Create, fsync and remove a file in ``root/tmp``; raise ``OSError`` if that fails."""
+    probe = root / "tmp" / f".probe-{os.getpid()}"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, b"ok")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
 
 
 def _write_rest(fd: int, parts: Sequence[Chunk], written: int) -> None:

@@ -272,7 +272,9 @@ def test_password_file_is_read_masked_and_exclusive(
     assert "SG.file-secret" not in repr(dumped) + repr(s) + str(s)
 
     message = config_error(setenv, RELAYHOST_PASSWORD="inline")
-    assert message == "set RELAYHOST_PASSWORD or RELAYHOST_PASSWORD_FILE, not both"
+    assert message == (
+        "RELAYHOST_PASSWORD_FILE: set RELAYHOST_PASSWORD or RELAYHOST_PASSWORD_FILE, not both"
+    )
 
 
 def test_username_file_and_unreadable_password_file(
