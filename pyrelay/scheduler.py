@@ -60,6 +60,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._busy: dict[asyncio.Task[None], str] = {}
+        self._inflight: dict[asyncio.Task[None], asyncio.Future[Session | None]] = {}
         self._timer: asyncio.Task[None] | None = None
         self._closing = False
         self._suspended_until = 0.0
@@ -134,9 +135,21 @@ class Scheduler:
         if busy:
             log.info("shutdown_waiting", deliveries=len(busy), grace=grace)
             _, pending = await asyncio.wait(busy, timeout=grace)
+            inner = [self._inflight[t] for t in pending if t in self._inflight]
             for task in pending:
                 log.warning("shutdown_cancelled", queue_id=self._busy.get(task, "?"))
                 task.cancel()
+            if inner:
+                # The deliveries run shielded from their workers; stop them too.  A cancel can
+                # be lost (Python 3.11's wait_for swallows it when the reply arrives in the same
+                # loop iteration) and the delivery would then wait out the upstream's reply, so
+                # also close the connections: every wait on the upstream ends now, and the
+                # messages stay queued (delivered again later if the upstream had them already:
+                # the at-least-once window).
+                for fut in inner:
+                    fut.cancel()
+                self.upstream.abort_all()
+                await asyncio.wait(inner, timeout=1.0)
         for task in self._workers:
             task.cancel()
         await asyncio.gather(
@@ -238,11 +251,16 @@ class Scheduler:
                         await self.upstream.close(session)
                     session = None
                     continue
+                if self._closing:
+                    break  # durable on disk; the next start picks it up
                 self._busy[task] = env.queue_id
+                inner = asyncio.ensure_future(self._deliver_one(env, message, session))
+                self._inflight[task] = inner
                 try:
-                    session = await asyncio.shield(self._deliver_one(env, message, session))
+                    session = await asyncio.shield(inner)
                 finally:
                     self._busy.pop(task, None)
+                    self._inflight.pop(task, None)
         finally:
             if session is not None:
                 session.client.close()
@@ -405,6 +423,16 @@ class Scheduler:
             env.recipients = [r.recipient for r in still]
             env.next_attempt = now + wait
             env.last_error = still[0].reply
+            if not self.spool.path(env.state, env.queue_id).exists():
+                # Held or deleted by the operator during this attempt: record the outcome in
+                # the held copy, or not at all, but never resurrect it in deferred/.
+                where = "deleted"
+                if self.spool.path("hold", env.queue_id).exists():
+                    where = env.state = "hold"
+                    await self.spool.rewrite(env, message, "hold")
+                log.info("operator_moved_during_delivery", queue_id=env.queue_id, now=where)
+                self._forget(env.queue_id)
+                return
             await self.spool.rewrite(env, message, "deferred")
             for res in still:
                 self.metrics.deferred.inc()

@@ -45,6 +45,9 @@ class SinkState:
     # Drop the connection instead of answering the end of DATA (a crash mid-transaction).
     drop_at_data_end: bool = False
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    # When set, the end of DATA is answered only once the event is set (a slow upstream).
+    data_gate: asyncio.Event | None = None
+    at_data_end: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class _Handler:
@@ -72,6 +75,9 @@ class _Handler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.state.at_data_end.set()
+        if self.state.data_gate is not None:
+            await self.state.data_gate.wait()
         if self.state.drop_at_data_end and isinstance(server.transport, asyncio.Transport):
             server.transport.abort()
             return "451 dropped"

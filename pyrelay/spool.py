@@ -284,7 +284,12 @@ class Spool:
 
     def remove(self, env: Envelope) -> None:
         """Drop a finished entry.  Not fsync'd: a crash may resurrect it (at-least-once)."""
-        self._unlink(env.state, env.queue_id)
+        try:
+            os.unlink(self.path(env.state, env.queue_id))
+        except FileNotFoundError:
+            # The operator held it during its delivery; a release would deliver it twice.
+            if self.path("hold", env.queue_id).exists():
+                self._unlink("hold", env.queue_id)
 
     def _unlink(self, state: str, queue_id: str) -> None:
         try:
