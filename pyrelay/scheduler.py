@@ -380,15 +380,7 @@ class Scheduler:
             if res.outcome is Outcome.SENT:
                 env.delivered.append(res.recipient)
                 self.metrics.delivered.inc()
-                log.info(
-                    "sent",
-                    queue_id=env.queue_id,
-                    to=f"<{res.recipient}>",
-                    relay=relay,
-                    delay=delay,
-                    dsn=res.dsn,
-                    status=f"sent ({res.reply})",
-                )
+                _log_result(env, res, relay, delay)
             elif res.outcome is Outcome.BOUNCED:
                 bounced.append(res)
             else:
@@ -406,15 +398,7 @@ class Scheduler:
             still = []
         for res in bounced:
             self.metrics.bounced.inc()
-            log.info(
-                "bounced",
-                queue_id=env.queue_id,
-                to=f"<{res.recipient}>",
-                relay=relay,
-                delay=delay,
-                dsn=res.dsn,
-                status=f"bounced ({res.reply})",
-            )
+            _log_result(env, res, relay, delay)
         if bounced:
             await self._bounce(env, message, bounced, relay)
         if still:
@@ -436,16 +420,7 @@ class Scheduler:
             await self.spool.rewrite(env, message, "deferred")
             for res in still:
                 self.metrics.deferred.inc()
-                log.info(
-                    "deferred",
-                    queue_id=env.queue_id,
-                    to=f"<{res.recipient}>",
-                    relay=relay,
-                    delay=delay,
-                    dsn=res.dsn,
-                    status=f"deferred ({res.reply})",
-                    next_attempt_in=round(wait),
-                )
+                _log_result(env, res, relay, delay, next_attempt_in=round(wait))
             if self.handoff is not None:
                 self.handoff(env)
                 self._forget(env.queue_id)
@@ -511,6 +486,23 @@ class Scheduler:
         await self.spool.store(notice, [wire])
         log.info("bounce_queued", queue_id=env.queue_id, bounce_id=bounce_id, to=f"<{env.sender}>")
         self.submit(notice, wire)
+
+
+def _log_result(
+    env: Envelope, res: RecipientResult, relay: str, delay: float, **extra: object
+) -> None:
+    """The Postfix-style delivery line: ``event=sent|deferred|bounced … status=X (reply)``."""
+    outcome = res.outcome.value
+    log.info(
+        outcome,
+        queue_id=env.queue_id,
+        to=f"<{res.recipient}>",
+        relay=relay,
+        delay=delay,
+        dsn=res.dsn,
+        status=f"{outcome} ({res.reply})",
+        **extra,
+    )
 
 
 class _Placeholder:
