@@ -1,0 +1,136 @@
+"""PYRELAY_WORKERS=2: two processes share the port; retries and orphans end up with the primary."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from conftest import MESSAGE, PASSWORD, USER, Upstream, wait_until
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs Linux pidfd_open")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Relay:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path, spool: Path) -> None:
+        self.proc, self.port, self.log, self.spool = proc, port, log, spool
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def send(self, n: int) -> list[str]:
+        ids = []
+        for i in range(n):
+            with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as smtp:
+                smtp.ehlo()
+                smtp.mail("app@example.org")
+                smtp.rcpt(f"r{i}@dest.test")
+                code, reply = smtp.data(MESSAGE)
+                assert code == 250, reply
+                ids.append(reply.decode().rsplit(" ", 1)[1])
+        return ids
+
+    def worker_pid(self) -> int:
+        found = re.findall(r"event=worker_started worker=1 pid=(\d+)", self.text())
+        return int(found[-1])
+
+
+@pytest.fixture
+async def workers2(upstream: Upstream, ca_file: Path, tmp_path: Path) -> AsyncIterator[Relay]:
+    port = _free_port()
+    spool = tmp_path / "spool"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYRELAY_", "RELAYHOST"))}
+    env.update(
+        RELAYHOST=upstream.relayhost,
+        RELAYHOST_USERNAME=USER,
+        RELAYHOST_PASSWORD=PASSWORD,
+        RELAYHOST_TLS_CA_FILE=str(ca_file),
+        ALLOWED_SENDER_DOMAINS="example.org",
+        PYRELAY_LISTEN=f"127.0.0.1:{port}",
+        PYRELAY_SPOOL_DIR=str(spool),
+        PYRELAY_WORKERS="2",
+        PYRELAY_MIN_BACKOFF="0.2s",
+        PYRELAY_MAX_BACKOFF="1s",
+        PYRELAY_SHUTDOWN_GRACE="2s",
+    )
+    log = tmp_path / "relay.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(  # noqa: ASYNC220 - starting it is instant
+            [sys.executable, "-m", "pyrelay"], env=env, cwd=tmp_path, stdout=out, stderr=out
+        )
+    relay = Relay(proc, port, log, spool)
+    try:
+        await wait_until(lambda: relay.text().count("event=listening") >= 2, what="both workers")
+        yield relay
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 20)
+        assert code == 0, relay.text()[-3000:]
+        assert PASSWORD not in relay.text()
+        # No worker outlives the primary.
+        for pid in re.findall(r"event=worker_started worker=\d+ pid=(\d+)", relay.text()):
+            with pytest.raises(ProcessLookupError):
+                os.kill(int(pid), 0)
+
+
+async def test_both_workers_accept_and_deliver(workers2: Relay, upstream: Upstream) -> None:
+    ids = await asyncio.to_thread(workers2.send, 40)
+    assert {qid[-1] for qid in ids} == {"0", "1"}  # the kernel spread the connections
+    await wait_until(lambda: len(upstream.state.messages) == 40, what="all delivered")
+    assert sorted(r for m in upstream.state.messages for r in m.rcpt_tos) == sorted(
+        f"r{i}@dest.test" for i in range(40)
+    )
+
+
+async def test_deferrals_of_a_secondary_are_retried_by_the_primary(
+    workers2: Relay, upstream: Upstream
+) -> None:
+    upstream.state.data_reply = "451 4.3.0 try again later"
+    ids = await asyncio.to_thread(workers2.send, 20)
+    secondary = [qid for qid in ids if qid.endswith("1")]
+    assert secondary
+    await wait_until(
+        lambda: all(f"event=deferred queue_id={q}" in workers2.text() for q in ids),
+        what="every message deferred once",
+    )
+    upstream.state.data_reply = None
+    await wait_until(lambda: len(upstream.state.messages) == 20, what="all delivered on retry")
+    assert list((workers2.spool / "deferred").iterdir()) == []
+
+
+async def test_a_killed_worker_is_replaced_and_its_messages_delivered(
+    workers2: Relay, upstream: Upstream
+) -> None:
+    upstream.state.data_gate = asyncio.Event()  # every delivery hangs at the end of DATA
+    ids = await asyncio.to_thread(workers2.send, 20)
+    secondary = [qid for qid in ids if qid.endswith("1")]
+    assert secondary
+    victim = workers2.worker_pid()
+    os.kill(victim, signal.SIGKILL)
+    await wait_until(lambda: "event=worker_died" in workers2.text(), what="death noticed")
+    await wait_until(lambda: workers2.worker_pid() != victim, timeout=15, what="replacement")
+    upstream.state.data_gate.set()
+
+    def delivered() -> set[str]:
+        return {r for m in upstream.state.messages for r in m.rcpt_tos}
+
+    def queued() -> list[str]:
+        return [p.name for d in ("incoming", "deferred") for p in (workers2.spool / d).iterdir()]
+
+    await wait_until(lambda: len(delivered()) == 20, timeout=20, what="every message delivered")
+    await wait_until(lambda: queued() == [], what="queue empty")
