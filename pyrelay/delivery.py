@@ -13,6 +13,7 @@ import re
 import socket
 import ssl
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -42,6 +43,8 @@ class RecipientResult:
 
 def dsn_of(code: int, text: str) -> str:
     """The enhanced status code in a reply, or one derived from the basic code."""
+    if not 200 <= code < 600:
+        return "4.5.0"  # not an SMTP reply at all (aiosmtplib reports -1): protocol error
     match = _ENHANCED.match(text)
     if match and match.group(1) == str(code)[0]:
         return match.group(0)
@@ -162,6 +165,13 @@ class Upstream:
         self.tls_context = (
             make_tls_context(settings) if settings.tls_level is not TLSLevel.NONE else None
         )
+        self._clients: weakref.WeakSet[aiosmtplib.SMTP] = weakref.WeakSet()
+
+    def abort_all(self) -> None:
+        """Close every open upstream connection (shutdown, after the grace period): whatever
+        waits for an upstream reply fails at once, and its message stays queued."""
+        for client in list(self._clients):
+            client.close()
 
     async def open(self, *, steps: list[tuple[Step, str]] | None = None) -> Session:
         """Connect, greet, STARTTLS and AUTH as configured; raise ``DeliveryError`` on failure.
@@ -187,6 +197,7 @@ class Upstream:
             tls_context=self.tls_context if implicit else None,
             validate_certs=s.tls_level.verifies,
         )
+        self._clients.add(client)
         try:
             await self._handshake(client, relay, implicit, steps)
         except BaseException:
@@ -214,6 +225,13 @@ class Upstream:
             raise DeliveryError(
                 dsn_of(exc.code, exc.message) if exc.code >= 400 else "4.0.0",
                 f"host {relay} refused to talk to me: {exc.code} {one_line(exc.message)}",
+                kind=Step.GREETING,
+            ) from None
+        except aiosmtplib.SMTPResponseException as exc:
+            # Not an SMTP server (RELAYHOST pointing at an HTTP port, say): defer, never crash.
+            raise DeliveryError(
+                "4.5.0",
+                f"host {relay} refused to talk to me: protocol error: {one_line(exc.message)}",
                 kind=Step.GREETING,
             ) from None
         except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError) as exc:
@@ -345,7 +363,13 @@ class Upstream:
                     sender, options=options, encoding="utf-8" if smtputf8 else "ascii"
                 )
             except aiosmtplib.SMTPResponseException as exc:
+                _check_reply(client, relay, "MAIL FROM", exc)
                 return _all(recipients, exc.code, exc.message, relay, "MAIL FROM")
+            except ValueError as exc:
+                # aiosmtplib refuses control characters / unencodable text before sending
+                # anything; retrying cannot help, so bounce instead of failing forever.
+                reason = f"bad sender address syntax: {one_line(str(exc))}"
+                return [RecipientResult(r, Outcome.BOUNCED, "5.1.7", reason) for r in recipients]
             results: dict[str, RecipientResult] = {}
             accepted: list[str] = []
             stage = "RCPT TO"
@@ -353,7 +377,11 @@ class Upstream:
                 try:
                     await client.rcpt(rcpt, encoding="utf-8" if smtputf8 else "ascii")
                 except aiosmtplib.SMTPResponseException as exc:
+                    _check_reply(client, relay, "RCPT TO", exc)
                     results[rcpt] = _result(rcpt, exc.code, exc.message, relay, "RCPT TO")
+                except ValueError as exc:
+                    reason = f"bad recipient address syntax: {one_line(str(exc))}"
+                    results[rcpt] = RecipientResult(rcpt, Outcome.BOUNCED, "5.1.3", reason)
                 else:
                     accepted.append(rcpt)
             if accepted:
@@ -363,6 +391,7 @@ class Upstream:
                         client, message, timeout=self.settings.upstream_data_timeout
                     )
                 except aiosmtplib.SMTPResponseException as exc:
+                    _check_reply(client, relay, "DATA", exc)
                     for rcpt in accepted:
                         results[rcpt] = _result(rcpt, exc.code, exc.message, relay, "end of DATA")
                 else:
@@ -392,6 +421,22 @@ class Upstream:
             pass
         finally:
             session.client.close()
+
+
+def _check_reply(
+    client: aiosmtplib.SMTP, relay: str, stage: str, exc: aiosmtplib.SMTPResponseException
+) -> None:
+    """A reply that is not SMTP at all leaves the conversation out of step: drop the connection
+    and defer every pending recipient rather than pair later replies with the wrong command."""
+    if 200 <= exc.code < 600:
+        return
+    client.close()
+    raise DeliveryError(
+        "4.5.0",
+        f"conversation with {relay}: protocol error while sending {stage}: "
+        f"{one_line(exc.message)[:200]}",
+        kind="protocol",
+    )
 
 
 def _result(rcpt: str, code: int, message: str, relay: str, stage: str) -> RecipientResult:

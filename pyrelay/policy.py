@@ -6,6 +6,7 @@ Every check returns ``None`` to accept or the exact SMTP reply to send.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -13,6 +14,10 @@ from functools import lru_cache
 from pyrelay.config import IPNetwork, Settings
 
 _ATEXT_DOMAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
+# Control characters (even inside a quoted local part) cannot be relayed: the upstream client
+# refuses them in commands, which would leave a message in the queue that can never be sent.
+# The same for lone surrogates (bytes that were not UTF-8, kept by aiosmtpd's surrogateescape).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
 
 def split_address(address: str) -> tuple[str, str] | None:
@@ -116,6 +121,8 @@ class Policy:
         """MAIL FROM syntax; the domain policy is applied at RCPT, as Postfix does."""
         if sender == "":
             return None
+        if _CONTROL.search(sender):
+            return "501 5.1.7 Bad sender address syntax"
         if not is_fully_qualified(sender):
             return f"504 5.5.2 <{sender}>: Sender address rejected: need fully-qualified address"
         return None
@@ -143,6 +150,8 @@ class Policy:
         reply = self.check_client(client_ip)
         if reply:
             return reply
+        if _CONTROL.search(recipient):
+            return "501 5.1.3 Bad recipient address syntax"
         if not is_fully_qualified(recipient):
             return (
                 f"504 5.5.2 <{recipient}>: Recipient address rejected: need fully-qualified address"

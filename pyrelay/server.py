@@ -10,7 +10,7 @@ import time
 import types
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
@@ -72,6 +72,14 @@ def with_enhanced_status(reply: str) -> str:
     if _ENHANCED.match(text) or code not in _DEFAULT_STATUS:
         return reply
     return f"{code}{sep}{_DEFAULT_STATUS[code]} {text}"
+
+
+def writable(transport: asyncio.BaseTransport | None) -> asyncio.WriteTransport | None:
+    """``transport`` if it can still be written to.  Not ``isinstance``: uvloop's transports
+    (the relay runs on uvloop, see ``app.run``) do not derive from asyncio's classes."""
+    if transport is None or transport.is_closing() or not hasattr(transport, "write"):
+        return None
+    return cast(asyncio.WriteTransport, transport)
 
 
 def client_ip(session: SMTPSession) -> str:
@@ -237,15 +245,16 @@ class RelaySMTP(SMTP):
 
     def _session_expired(self) -> None:
         log.info("session_timeout", client=client_ip(self.session) if self.session else "?")
-        if isinstance(self.transport, asyncio.WriteTransport):
-            self.transport.write(b"421 4.4.2 Error: session time limit exceeded\r\n")
-            self.transport.close()
+        transport = writable(self.transport)
+        if transport is not None:
+            transport.write(b"421 4.4.2 Error: session time limit exceeded\r\n")
+            transport.close()
 
     def _timeout_cb(self) -> None:
         # aiosmtpd hangs up silently; Postfix's smtpd_timeout tells the client why.
         log.info("command_timeout", client=client_ip(self.session) if self.session else "?")
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        transport = writable(self.transport)
+        if transport is not None:
             transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
@@ -447,7 +456,9 @@ class Listener:
         recipients = list(smtp_env.rcpt_tos)
         queue_id = self.spool.new_id()
         now = datetime.now(UTC)
-        smtputf8 = bool(smtp_env.smtp_utf8)
+        # A UTF-8 address without the SMTPUTF8 parameter (clients are lax) still needs SMTPUTF8
+        # upstream: the envelope cannot be sent as ASCII.
+        smtputf8 = bool(smtp_env.smtp_utf8) or not all(a.isascii() for a in (sender, *recipients))
         received = build_received(
             helo=session.host_name or "unknown",
             client_ip=ip,
@@ -502,11 +513,12 @@ class Listener:
         for server in self.servers:
             server.close()
         for proto in list(self.sessions):
-            if proto._idle.is_set() and isinstance(proto.transport, asyncio.WriteTransport):
-                proto.transport.write(
+            transport = writable(proto.transport)
+            if proto._idle.is_set() and transport is not None:
+                transport.write(
                     b"421 4.3.2 Service shutting down, closing transmission channel\r\n"
                 )
-                proto.transport.close()
+                transport.close()
         busy = [
             asyncio.ensure_future(p._idle.wait()) for p in self.sessions if not p._idle.is_set()
         ]
