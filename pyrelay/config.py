@@ -8,6 +8,7 @@ Names from the Postfix container (boky/postfix) keep their names; pyrelay's own 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 from enum import StrEnum
@@ -233,7 +234,12 @@ class Settings(BaseSettings):
     hostname: str = Field(
         default="", validation_alias=AliasChoices("PYRELAY_HOSTNAME", "POSTFIX_myhostname")
     )
-    workers: int = Field(default=1, ge=1, le=16, validation_alias=AliasChoices("PYRELAY_WORKERS"))
+    workers: int = Field(  # type: ignore[assignment]
+        default="auto",
+        ge=1,
+        le=16,
+        validation_alias=AliasChoices("PYRELAY_WORKERS"),
+    )
     concurrency: int = Field(
         default=20, ge=1, le=1000, validation_alias=AliasChoices("PYRELAY_CONCURRENCY")
     )
@@ -292,6 +298,15 @@ class Settings(BaseSettings):
         if isinstance(value, tuple):
             return HostPort(*value)
         return parse_host_port(str(value), 25, what="RELAYHOST")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: object) -> object:
+        # auto: a second process pays off on a second core (see README, Performance); more do
+        # not on a relay whose upstream is one host, and each costs memory.
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+        return value
 
     @field_validator("metrics_listen", mode="before")
     @classmethod

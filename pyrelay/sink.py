@@ -78,8 +78,10 @@ class _Handler:
         self.state.at_data_end.set()
         if self.state.data_gate is not None:
             await self.state.data_gate.wait()
-        if self.state.drop_at_data_end and isinstance(server.transport, asyncio.Transport):
-            server.transport.abort()
+        # Duck-typed: uvloop's transports do not derive from asyncio.Transport.
+        abort = getattr(server.transport, "abort", None)
+        if self.state.drop_at_data_end and abort is not None:
+            abort()
             return "451 dropped"
         if self.state.data_reply:
             return self.state.data_reply
