@@ -282,9 +282,19 @@ class Scheduler:
             log.error("queue_file_write_error", queue_id=env.queue_id, reason=exc.reply)
             self._schedule(env.queue_id, self.settings.min_backoff)
             return session
-        except Exception:
+        except Exception as exc:
+            # A bug must not turn into endless immediate retries: record it as a deferral, so
+            # that attempts are counted, backoff applies and the queue lifetime still ends it.
             log.exception("delivery_crashed", queue_id=env.queue_id)
-            self._schedule(env.queue_id, self.settings.min_backoff)
+            reason = f"internal error during delivery ({type(exc).__name__}), see delivery_crashed"
+            results = [
+                RecipientResult(r, Outcome.DEFERRED, "4.3.0", reason) for r in env.recipients
+            ]
+            try:
+                await self._record(env, message, results, "none")
+            except Exception:
+                log.exception("delivery_crashed", queue_id=env.queue_id, stage="record")
+                self._schedule(env.queue_id, self.settings.max_backoff)
             return None
 
     async def _load(self, stub: Envelope) -> tuple[Envelope, bytes] | None:

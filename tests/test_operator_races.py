@@ -1,4 +1,4 @@
-"""Operator commands racing an in-flight delivery: the operator's decision wins."""
+"""Races and surprises during an in-flight delivery: the operator wins, bugs do not loop."""
 
 from __future__ import annotations
 
@@ -42,3 +42,26 @@ async def test_hold_during_a_successful_attempt_leaves_nothing_to_release(
     spool, queue_id = await _held_during_attempt(upstream, make_relay, None)
     assert len(upstream.state.messages) == 1
     assert spool.find(queue_id) is None
+
+
+async def test_an_internal_error_is_a_counted_deferral_not_a_retry_loop(
+    upstream: Upstream, make_relay: Any, logs: Any
+) -> None:
+    async with make_relay(upstream) as relay:
+        upstream_client = relay.relay.scheduler.upstream
+        real = upstream_client.transaction
+        calls = 0
+
+        async def crash_once(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("injected bug")
+            return await real(*args, **kwargs)
+
+        upstream_client.transaction = crash_once
+        await relay.asend("a@example.org", ["b@dest.test"], MESSAGE)
+        await wait_until(lambda: len(upstream.state.messages) == 1, what="delivery after the bug")
+    assert logs.has("event=delivery_crashed")
+    assert logs.has("event=deferred", "internal error during delivery (RuntimeError)")
+    assert calls == 2
