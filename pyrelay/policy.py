@@ -52,7 +52,11 @@ def normalize_address_domain(domain: str) -> str | None:
     """Lowercase, strip a trailing dot, IDNA-encode; ``None`` if it is not a usable domain."""
     domain = domain.rstrip(".").lower()
     if domain.startswith("[") and domain.endswith("]"):
-        return domain
+        # An address literal: [192.0.2.1] or [IPv6:2001:db8::1], ASCII only.
+        inner = domain[1:-1]
+        if inner and inner.isascii() and all(c.isalnum() or c in ".:" for c in inner):
+            return domain
+        return None
     if not domain.isascii():
         try:
             domain = domain.encode("idna").decode("ascii")

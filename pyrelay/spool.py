@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
+import itertools
 import json
 import math
 import os
@@ -42,10 +44,16 @@ _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 Chunk = bytes | bytearray | memoryview
 
 
+_sequence = itertools.count(secrets.randbits(20))
+
+
 def new_queue_id(worker: int = 0) -> str:
-    """16 hex digits: milliseconds (sortable, like Postfix long IDs), 20 random bits, and the
-    index of the worker process that accepted the message (it owns the entry in incoming/)."""
-    return f"{int(time.time() * 1000) & 0xFFFFFFFFFF:010X}{secrets.randbits(20):05X}{worker & 15:X}"
+    """16 hex digits: milliseconds (sortable, like Postfix long IDs), a per-process sequence
+    number (random start, so a restart does not replay it), and the index of the worker process
+    that accepted the message (it owns the entry in incoming/).  Unique within a process unless
+    it makes over a million IDs in one millisecond; ``Spool.store`` refuses to overwrite anyway."""
+    seq = next(_sequence) & 0xFFFFF
+    return f"{int(time.time() * 1000) & 0xFFFFFFFFFF:010X}{seq:05X}{worker & 15:X}"
 
 
 def worker_of(queue_id: str) -> int:
@@ -234,7 +242,9 @@ class Spool:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _write_file(self, env: Envelope, chunks: Sequence[Chunk], state: str) -> None:
+    def _write_file(
+        self, env: Envelope, chunks: Sequence[Chunk], state: str, *, new: bool = False
+    ) -> None:
         tmp = self.root / "tmp" / f"{env.queue_id}.{state}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -248,7 +258,13 @@ class Spool:
             finally:
                 os.close(fd)
             final = self.path(state, env.queue_id)
-            os.rename(tmp, final)
+            if new:
+                # link() fails instead of replacing: an ID clash (a clock set back to a time
+                # whose IDs are still queued) must not overwrite an accepted message.
+                os.link(tmp, final)
+                os.unlink(tmp)
+            else:
+                os.rename(tmp, final)
             try:
                 self._dirsync[state].sync()
             except OSError:
@@ -269,7 +285,9 @@ class Spool:
         env.size = sum(len(c) for c in chunks)
         env.state = "incoming"
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._write_file, env, chunks, "incoming")
+        await loop.run_in_executor(
+            self._executor, functools.partial(self._write_file, env, chunks, "incoming", new=True)
+        )
 
     async def rewrite(self, env: Envelope, message: bytes, state: str) -> None:
         """Persist a changed envelope (after an attempt) under ``state``, replacing the old file."""
