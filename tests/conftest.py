@@ -8,7 +8,7 @@ import io
 import smtplib
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import trustme
+from faulty_upstream import FaultUpstream
 
 from pyrelay.app import Relay
 from pyrelay.config import Settings
@@ -192,3 +193,22 @@ MESSAGE = (
     b"\r\n"
     b"Bye\r\n"
 )
+
+
+MakeFault = Callable[..., Awaitable[FaultUpstream]]
+
+
+@pytest.fixture
+async def fault(server_tls: ssl.SSLContext) -> AsyncIterator[MakeFault]:
+    """Factory for raw fault-injecting upstreams (tests/faulty_upstream.py), stopped afterwards."""
+    made: list[FaultUpstream] = []
+
+    async def make(**kwargs: Any) -> FaultUpstream:
+        kwargs.setdefault("tls_context", server_tls)
+        up = await FaultUpstream(**kwargs).start()
+        made.append(up)
+        return up
+
+    yield make
+    for up in made:
+        await up.stop()

@@ -14,37 +14,20 @@ import shutil
 import smtplib
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from faulty_upstream import FaultUpstream, RawClient, spool_files
+from faulty_upstream import RawClient, spool_files
 
-from conftest import MESSAGE, LogCapture, Upstream, wait_until
+from conftest import MESSAGE, LogCapture, MakeFault, Upstream, wait_until
 
 RELAY_DENIED = "554 5.7.1 <r@dest.test>: Relay access denied: sender domain {} is not in "
 RELAY_DENIED += "ALLOWED_SENDER_DOMAINS"
 
 BAD_RCPT = "501 5.1.3 Bad recipient address syntax"
 BAD_SENDER = "501 5.1.7 Bad sender address syntax"
-
-MakeFault = Callable[..., Awaitable[FaultUpstream]]
-
-
-@pytest.fixture
-async def fault(server_tls: Any) -> AsyncIterator[MakeFault]:
-    made: list[FaultUpstream] = []
-
-    async def make(**kwargs: Any) -> FaultUpstream:
-        kwargs.setdefault("tls_context", server_tls)
-        up = await FaultUpstream(**kwargs).start()
-        made.append(up)
-        return up
-
-    yield make
-    for up in made:
-        await up.stop()
 
 
 async def session(port: int, host: str = "127.0.0.1") -> RawClient:

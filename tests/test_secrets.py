@@ -8,14 +8,12 @@ import base64
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from faulty_upstream import FaultUpstream
 
-from conftest import MESSAGE, PASSWORD, USER, LogCapture, relay_settings, wait_until
+from conftest import MESSAGE, PASSWORD, USER, LogCapture, MakeFault, relay_settings, wait_until
 from pyrelay.config import load_settings
 from pyrelay.errors import ConfigError
 
@@ -25,29 +23,12 @@ SECRET_FORMS = [
     base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode(),  # AUTH PLAIN
 ]
 
-MakeFault = Callable[..., Awaitable[FaultUpstream]]
-
 
 def assert_no_secret(text: str | bytes, where: str) -> None:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     for form in SECRET_FORMS:
         assert form not in text, f"secret ({form!r}) leaked in {where}"
-
-
-@pytest.fixture
-async def fault(server_tls: Any) -> AsyncIterator[MakeFault]:
-    made: list[FaultUpstream] = []
-
-    async def make(**kwargs: Any) -> FaultUpstream:
-        kwargs.setdefault("tls_context", server_tls)
-        up = await FaultUpstream(**kwargs).start()
-        made.append(up)
-        return up
-
-    yield make
-    for up in made:
-        await up.stop()
 
 
 def scan_everything(logs: LogCapture, caplog: pytest.LogCaptureFixture, spool: Path) -> int:

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from faulty_upstream import FaultMessage, FaultUpstream, RawClient, spool_files
+from faulty_upstream import FaultMessage, RawClient, spool_files
 
-from conftest import LogCapture, wait_until
-
-MakeFault = Callable[..., Awaitable[FaultUpstream]]
+from conftest import LogCapture, MakeFault, wait_until
 
 SMUGGLED = (
     b"MAIL FROM:<ceo@example.org>\r\n"
@@ -50,21 +47,6 @@ FAKE_ENDS = [
 ]
 
 LAX_END = re.compile(rb"(?:\r\n|\n|\r)\.(?:\r\n|\n|\r)")
-
-
-@pytest.fixture
-async def fault(server_tls: Any) -> AsyncIterator[MakeFault]:
-    made: list[FaultUpstream] = []
-
-    async def make(**kwargs: Any) -> FaultUpstream:
-        kwargs.setdefault("tls_context", server_tls)
-        up = await FaultUpstream(**kwargs).start()
-        made.append(up)
-        return up
-
-    yield make
-    for up in made:
-        await up.stop()
 
 
 async def transaction(port: int, payload: bytes, *, rcpt: str = "alice@dest.test") -> str:

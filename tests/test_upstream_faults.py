@@ -12,7 +12,6 @@ import base64
 import datetime as dt
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 import trustme
 from faulty_upstream import BlackHole, FaultUpstream
 
-from conftest import MESSAGE, PASSWORD, USER, LogCapture, wait_until
+from conftest import MESSAGE, PASSWORD, USER, LogCapture, MakeFault, wait_until
 
 # Short upstream timeouts so that stalls resolve in about a second.
 FAST: dict[str, Any] = {
@@ -28,23 +27,6 @@ FAST: dict[str, Any] = {
     "upstream_command_timeout": "1s",
     "upstream_data_timeout": "1s",
 }
-
-MakeFault = Callable[..., Awaitable[FaultUpstream]]
-
-
-@pytest.fixture
-async def fault(server_tls: ssl.SSLContext) -> AsyncIterator[MakeFault]:
-    made: list[FaultUpstream] = []
-
-    async def make(**kwargs: Any) -> FaultUpstream:
-        kwargs.setdefault("tls_context", server_tls)
-        up = await FaultUpstream(**kwargs).start()
-        made.append(up)
-        return up
-
-    yield make
-    for up in made:
-        await up.stop()
 
 
 def events(logs: LogCapture, event: str, rcpt: str | None = None) -> list[str]:
