@@ -15,7 +15,7 @@ from pyrelay import __version__
 from pyrelay.config import Settings, known_env_names
 from pyrelay.errors import ConfigError
 from pyrelay.logging import get_logger
-from pyrelay.metrics import Metrics
+from pyrelay.metrics import Metrics, enable_multiprocess
 from pyrelay.scheduler import Scheduler
 from pyrelay.server import Listener
 from pyrelay.spool import Spool
@@ -74,8 +74,7 @@ class Relay:
         except OSError as exc:
             await self.scheduler.stop(0)
             raise ConfigError(f"PYRELAY_LISTEN: cannot listen: {exc.strerror or exc}") from None
-        self.metrics.queue_size.set_function(lambda: self.scheduler.queue_stats()[0])
-        self.metrics.oldest_age.set_function(lambda: self.scheduler.queue_stats()[1])
+        self.metrics.watch_queue(self.scheduler.queue_stats)
         if s.metrics_listen is not None:
             self.metrics.serve(s.metrics_listen)
             log.info("metrics_listening", address=str(s.metrics_listen))
@@ -181,6 +180,8 @@ def _prefork(settings: Settings) -> Prefork:
         raise ConfigError(
             f"PYRELAY_SPOOL_DIR: {settings.spool_dir} is not writable: {exc.strerror or exc}"
         ) from None
+    if settings.metrics_listen is not None:
+        enable_multiprocess(settings.spool_dir / "metrics")
     # Leftovers are listed before any worker can add entries of its own.
     found = Scheduler(settings, spool, Metrics()).scan()
     notify = WorkerPool.open_notify_socket(settings)

@@ -1,18 +1,58 @@
 """Prometheus metrics.  Always counted (a counter increment is ~1 µs); served only when
-``PYRELAY_METRICS_LISTEN`` is set."""
+``PYRELAY_METRICS_LISTEN`` is set.
+
+With several worker processes every process counts into files in a shared directory
+(prometheus-client's multiprocess mode) and the primary serves the sum, so a delivery counts
+whichever worker made it.  The queue gauges come from the primary, which owns every retry.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server, values
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from pyrelay.config import HostPort
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def enable_multiprocess(directory: Path) -> None:
+    """Count into ``directory`` from now on, in this process and in processes it starts.
+
+    Called by the primary before it forks its workers; the directory is emptied because the
+    files of a previous run would otherwise be added to this run's counters."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True, mode=0o700)
+    os.environ[MULTIPROC_ENV] = str(directory)
+    # prometheus-client picks its value class when imported; metrics are created later (per
+    # Relay), so switching it here covers every metric of this and the forked processes.
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+class _QueueCollector(Collector):
+    def __init__(self, stats: Callable[[], tuple[int, float]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        size, oldest = self.stats()
+        yield GaugeMetricFamily("pyrelay_queue_size", "Messages in the queue", value=size)
+        yield GaugeMetricFamily(
+            "pyrelay_queue_oldest_age_seconds", "Age of the oldest queued message", value=oldest
+        )
 
 
 class Metrics:
     def __init__(self) -> None:
         self._server: WSGIServer | None = None
+        self._queue: _QueueCollector | None = None
         self.registry = CollectorRegistry()
         r = self.registry
         self.received = Counter(
@@ -31,10 +71,6 @@ class Metrics:
         self.upstream_errors = Counter(
             "pyrelay_upstream_errors", "Upstream connection failures, by kind", ["kind"], registry=r
         )
-        self.queue_size = Gauge("pyrelay_queue_size", "Messages in the queue", registry=r)
-        self.oldest_age = Gauge(
-            "pyrelay_queue_oldest_age_seconds", "Age of the oldest queued message", registry=r
-        )
         self.latency = Histogram(
             "pyrelay_delivery_latency_seconds",
             "Time from acceptance to upstream acceptance",
@@ -42,8 +78,19 @@ class Metrics:
             registry=r,
         )
 
+    def watch_queue(self, stats: Callable[[], tuple[int, float]]) -> None:
+        """Report ``stats() -> (size, oldest age)`` as the queue gauges."""
+        self._queue = _QueueCollector(stats)
+
     def serve(self, listen: HostPort) -> None:
-        self._server, _ = start_http_server(listen.port, addr=listen.host, registry=self.registry)
+        registry = self.registry
+        directory = os.environ.get(MULTIPROC_ENV)
+        if directory:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        if self._queue is not None:
+            registry.register(self._queue)
+        self._server, _ = start_http_server(listen.port, addr=listen.host, registry=registry)
 
     def close(self) -> None:
         if self._server is not None:

@@ -127,7 +127,8 @@ class RelayHandler:
                 if opt.startswith("SIZE=") and opt[5:].isdigit():
                     reply = policy.check_declared_size(int(opt[5:]))
         if reply is not None:
-            self.listener.rejected(session, "sender", reply, sender=sender)
+            reason = "size" if reply.startswith("552") else "sender"
+            self.listener.rejected(session, reason, reply, sender=sender)
             return reply
         # "<>" keeps aiosmtpd's truthiness checks (nested MAIL, RCPT before MAIL) working.
         envelope.mail_from = address if sender else "<>"

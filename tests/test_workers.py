@@ -10,6 +10,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -27,8 +28,17 @@ def _free_port() -> int:
 
 
 class Relay:
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path, spool: Path) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], port: int, log: Path, spool: Path, metrics: int
+    ) -> None:
         self.proc, self.port, self.log, self.spool = proc, port, log, spool
+        self.metrics_port = metrics
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as r:
+            text = r.read().decode()
+        found = re.findall(rf"^{name} (\S+)$", text, re.M)
+        return float(found[0]) if found else 0.0
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -53,6 +63,7 @@ class Relay:
 @pytest.fixture
 async def workers2(upstream: Upstream, ca_file: Path, tmp_path: Path) -> AsyncIterator[Relay]:
     port = _free_port()
+    metrics = _free_port()
     spool = tmp_path / "spool"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYRELAY_", "RELAYHOST"))}
     env.update(
@@ -67,13 +78,14 @@ async def workers2(upstream: Upstream, ca_file: Path, tmp_path: Path) -> AsyncIt
         PYRELAY_MIN_BACKOFF="0.2s",
         PYRELAY_MAX_BACKOFF="1s",
         PYRELAY_SHUTDOWN_GRACE="2s",
+        PYRELAY_METRICS_LISTEN=f"127.0.0.1:{metrics}",
     )
     log = tmp_path / "relay.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(  # noqa: ASYNC220 - starting it is instant
             [sys.executable, "-m", "pyrelay"], env=env, cwd=tmp_path, stdout=out, stderr=out
         )
-    relay = Relay(proc, port, log, spool)
+    relay = Relay(proc, port, log, spool, metrics)
     try:
         await wait_until(lambda: relay.text().count("event=listening") >= 2, what="both workers")
         yield relay
@@ -95,6 +107,12 @@ async def test_both_workers_accept_and_deliver(workers2: Relay, upstream: Upstre
     assert sorted(r for m in upstream.state.messages for r in m.rcpt_tos) == sorted(
         f"r{i}@dest.test" for i in range(40)
     )
+    # The primary serves the sum over both processes.
+    await wait_until(
+        lambda: workers2.metric("pyrelay_recipients_delivered_total") == 40, what="metrics"
+    )
+    assert workers2.metric("pyrelay_messages_received_total") == 40
+    assert workers2.metric("pyrelay_queue_size") == 0
 
 
 async def test_deferrals_of_a_secondary_are_retried_by_the_primary(
