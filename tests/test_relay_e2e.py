@@ -188,3 +188,19 @@ async def test_oversize_message_gets_552(upstream: Upstream, make_relay: Any) ->
             b"5.3.4 Message size exceeds fixed limit",
         )
     assert upstream.state.messages == []
+
+
+async def test_message_older_than_queue_lifetime_bounces(
+    upstream: Upstream, make_relay: Any, logs: LogCapture
+) -> None:
+    upstream.state.data_reply = "451 4.3.0 try again later"
+    async with make_relay(upstream, queue_lifetime="1s") as relay:
+        await relay.asend("app@example.org", ["late@dest.test"], MESSAGE)
+        await wait_until(lambda: logs.has("event=bounced", "to=<late@dest.test>"), what="expiry")
+        upstream.state.data_reply = None
+        await wait_until(lambda: len(upstream.state.messages) == 1, what="the bounce")
+    assert logs.has("event=deferred", "to=<late@dest.test>", "dsn=4.3.0")
+    assert logs.has("event=bounced", "message delivery time expired", "451 4.3.0")
+    bounce = upstream.state.messages[0]
+    assert (bounce.mail_from, bounce.rcpt_tos) == ("", ["app@example.org"])
+    assert b"late@dest.test" in bounce.content
