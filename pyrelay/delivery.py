@@ -364,6 +364,16 @@ class Upstream:
                 )
             except aiosmtplib.SMTPResponseException as exc:
                 _check_reply(client, relay, "MAIL FROM", exc)
+                if exc.code == 421:
+                    # The server is closing this connection (often an idle one we kept open):
+                    # a connection failure, so the scheduler retries once on a fresh one.
+                    client.close()
+                    raise DeliveryError(
+                        dsn_of(exc.code, exc.message),
+                        f"host {relay} said: 421 {one_line(exc.message)} "
+                        "(in reply to MAIL FROM command)",
+                        kind="connection",
+                    ) from None
                 return _all(recipients, exc.code, exc.message, relay, "MAIL FROM")
             except ValueError as exc:
                 # aiosmtplib refuses control characters / unencodable text before sending

@@ -40,6 +40,8 @@ class SinkState:
     auth_attempts: list[AuthAttempt] = field(default_factory=list)
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     mail_reply: str | None = None
+    # Replies for the next MAIL commands, used up one at a time before ``mail_reply``.
+    mail_replies: list[str] = field(default_factory=list)
     data_reply: str | None = None
     connections: int = 0
     # Drop the connection instead of answering the end of DATA (a crash mid-transaction).
@@ -59,6 +61,8 @@ class _Handler:
     ) -> str:
         if self.state.username is not None and not session.authenticated:
             return "530 5.7.0 Authentication required"
+        if self.state.mail_replies:
+            return self.state.mail_replies.pop(0)
         if self.state.mail_reply:
             return self.state.mail_reply
         envelope.mail_from = address

@@ -204,3 +204,18 @@ async def test_message_older_than_queue_lifetime_bounces(
     bounce = upstream.state.messages[0]
     assert (bounce.mail_from, bounce.rcpt_tos) == ("", ["app@example.org"])
     assert b"late@dest.test" in bounce.content
+
+
+async def test_a_421_on_a_reused_connection_is_retried_on_a_fresh_one(
+    upstream: Upstream, make_relay: Any, logs: LogCapture
+) -> None:
+    async with make_relay(upstream, concurrency=1, upstream_idle_timeout="30s") as relay:
+        await relay.asend("a@example.org", ["first@dest.test"], MESSAGE)
+        await wait_until(lambda: len(upstream.state.messages) == 1)
+        connections = upstream.state.connections
+        # Providers close idle connections with a 421 at the next command.
+        upstream.state.mail_replies.append("421 4.4.2 Idle timeout, closing connection")
+        await relay.asend("a@example.org", ["second@dest.test"], MESSAGE)
+        await wait_until(lambda: len(upstream.state.messages) == 2, what="retried delivery")
+    assert upstream.state.connections == connections + 1
+    assert not logs.has("event=deferred")
