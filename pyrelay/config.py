@@ -488,12 +488,10 @@ def _describe(error: ValidationError) -> str:
     message = str(first.get("msg", "invalid value"))
     message = message.removeprefix("Value error, ")
     if loc:
+        # loc is the field name or the alias the value came from (e.g. MASQUERADE_DOMAINS).
         key = str(loc[0])
-        name = key if key.isupper() or key not in Settings.model_fields else _env_name(key)
-        if key in Settings.model_fields:
-            name = _env_name(key)
-        elif key.lower() in Settings.model_fields:
-            name = _env_name(key.lower())
+        field = key if key in Settings.model_fields else key.lower()
+        name = _env_name(field) if field in Settings.model_fields else key.upper()
         if first.get("type") == "missing":
             return f"{name}: required but not set"
         return f"{name}: {message}"
