@@ -181,11 +181,9 @@ class Scheduler:
         self._suspend_reason = None
         self._heap = [(0.0, seq, queue_id) for _, seq, queue_id in self._heap]
         heapq.heapify(self._heap)
-        ids = set(self.spool.ids("deferred"))
-        for queue_id in ids - self._known:
-            self._schedule(queue_id, 0.0)
+        count = self.adopt_unknown_deferred(0.0)
         self._wake.set()
-        return len(ids)
+        return count
 
     def adopt(self, queue_id: str, next_attempt: float, arrival: float) -> None:
         """Take over a deferred entry from a secondary worker process."""
@@ -194,13 +192,13 @@ class Scheduler:
         self.arrivals[queue_id] = arrival
         self._schedule(queue_id, self._clamp(next_attempt - time.time()))
 
-    def adopt_unknown_deferred(self) -> int:
-        """Schedule ``deferred/`` entries this process does not know (a lost hand-off)."""
-        count = 0
-        for queue_id in set(self.spool.ids("deferred")) - self._known:
-            self._schedule(queue_id, self.settings.min_backoff)
-            count += 1
-        return count
+    def adopt_unknown_deferred(self, due_in: float) -> int:
+        """Schedule the ``deferred/`` entries this process does not know (released from hold by
+        the CLI, or a lost hand-off) in ``due_in`` seconds.  Returns how many are deferred."""
+        ids = set(self.spool.ids("deferred"))
+        for queue_id in ids - self._known:
+            self._schedule(queue_id, due_in)
+        return len(ids)
 
     def adopt_orphans(self, worker: int) -> int:
         """Take over the ``incoming/`` entries of a worker process that died, before a

@@ -193,7 +193,7 @@ class WorkerPool:
         # Safety net for a hand-off datagram that never arrived.
         while True:
             await asyncio.sleep(RESCAN_INTERVAL)
-            self.scheduler.adopt_unknown_deferred()
+            self.scheduler.adopt_unknown_deferred(self.settings.min_backoff)
 
     async def stop(self, grace: float) -> None:
         self.closing = True
