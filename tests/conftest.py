@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import trustme
 from faulty_upstream import FaultUpstream
+from procs import free_port as free_port  # re-exported: one helper for every test module
 
 from pyrelay.app import Relay
 from pyrelay.config import Settings

@@ -74,6 +74,12 @@ class SendResult:
     def accepted(self) -> bool:
         return self.code == 250
 
+    def failed(self, exc: OSError | smtplib.SMTPException) -> None:
+        """Record why the client stopped (and the server's reply, if it sent one)."""
+        self.error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, smtplib.SMTPResponseException):
+            self.code, self.text = exc.smtp_code, exc.smtp_error.decode(errors="replace")
+
 
 def send_one(
     port: int,
@@ -129,9 +135,7 @@ def send_one(
         except (OSError, smtplib.SMTPException):
             pass
     except (OSError, smtplib.SMTPException) as exc:
-        res.error = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, smtplib.SMTPResponseException):
-            res.code, res.text = exc.smtp_code, exc.smtp_error.decode(errors="replace")
+        res.failed(exc)
     finally:
         res.finished = time.time()
         if smtp is not None:

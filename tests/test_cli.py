@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import smtplib
-import socket
 import ssl
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 import trustme
 
-from conftest import PASSWORD, USER, Upstream
+from conftest import PASSWORD, USER, Upstream, free_port
 from pyrelay.sink import SinkState, start_sink
 
 CLI_TIMEOUT = 20.0
@@ -39,13 +38,6 @@ class Result:
     @property
     def text(self) -> str:
         return self.out + self.err
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Env(dict[str, str]):

@@ -16,14 +16,13 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import MESSAGE, PASSWORD, USER, Upstream, wait_until
+from conftest import MESSAGE, PASSWORD, USER, Upstream, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -49,12 +48,6 @@ def _image_env() -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _json_command(text: str) -> list[str]:
     command = text.split("CMD", 1)[1].strip() if "CMD" in text else text
     parsed: list[str] = json.loads(command)
@@ -77,7 +70,7 @@ async def test_entrypoint_starts_a_working_relay_that_passes_both_healthchecks(
     image_env = _image_env()
     assert image_env["PYRELAY_SPOOL_DIR"] == "/var/spool/pyrelay"
 
-    port = _free_port()
+    port = free_port()
     spool = tmp_path / "spool"
     env = {k: v for k, v in image_env.items() if k != "PATH"}
     env.update(

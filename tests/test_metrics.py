@@ -5,23 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
-import socket
 import urllib.request
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import MESSAGE, LogCapture, Upstream, wait_until
+from conftest import MESSAGE, LogCapture, Upstream, free_port, wait_until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _scrape(port: int) -> tuple[str, Samples]:

@@ -69,9 +69,7 @@ def idle_client(
         if code == 250:
             res.queue_id = res.text.rsplit(" ", 1)[-1]
     except (OSError, smtplib.SMTPException) as exc:
-        res.error = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, smtplib.SMTPResponseException):
-            res.code, res.text = exc.smtp_code, exc.smtp_error.decode(errors="replace")
+        res.failed(exc)
     finally:
         res.finished = time.time()
         if smtp is not None:

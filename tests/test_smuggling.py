@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faulty_upstream import FaultMessage, RawClient, spool_files
+from faulty_upstream import FaultMessage, FaultUpstream, RawClient, spool_files
 
 from conftest import LogCapture, MakeFault, wait_until
 
@@ -67,6 +67,18 @@ async def transaction(port: int, payload: bytes, *, rcpt: str = "alice@dest.test
         client.close()
 
 
+async def relay_once(make_relay: Any, up: FaultUpstream, payload: bytes) -> str:
+    """Send ``payload`` through a fresh relay to ``up``; return the reply to the end of data,
+    after the delivery (if accepted) and a little longer: a smuggled second message would have
+    arrived by then too."""
+    async with make_relay(up) as relay:
+        reply = await transaction(relay.port, payload)
+        if reply.startswith("250"):
+            await wait_until(lambda: len(up.messages) >= 1, what="delivery")
+        await asyncio.sleep(0.3)
+    return reply
+
+
 def assert_clean_wire(msg: FaultMessage) -> None:
     data = msg.data
     # Clean wire form: every CR is part of a CRLF, every LF too.
@@ -87,14 +99,10 @@ async def test_smuggled_transaction_in_body_is_never_a_second_message(
 ) -> None:
     up = await fault()
     payload = b"From: app@example.org\r\nSubject: innocent\r\n\r\nhello" + fake_end + SMUGGLED
-    async with make_relay(up) as relay:
-        reply = await transaction(relay.port, payload)
-        # Either refused outright (Postfix smtpd_forbid_bare_newline=reject) or normalised.
-        if reply.startswith("250"):
-            await wait_until(lambda: len(up.messages) >= 1, what="delivery")
-        else:
-            assert reply.startswith("550 5.5.2"), reply
-        await asyncio.sleep(0.3)  # a smuggled second message would show up here
+    reply = await relay_once(make_relay, up, payload)
+    # Either refused outright (Postfix smtpd_forbid_bare_newline=reject) or normalised.
+    if not reply.startswith("250"):
+        assert reply.startswith("550 5.5.2"), reply
     assert all(m.rcpt_tos == ["alice@dest.test"] for m in up.messages), up.messages
     assert len(up.messages) == (1 if reply.startswith("250") else 0)
     assert "victim@dest.test" not in up.recipients
@@ -111,11 +119,7 @@ async def test_smuggling_inside_the_header_section(
 ) -> None:
     up = await fault()
     payload = b"From: app@example.org\r\nSubject: a" + fake_end + SMUGGLED
-    async with make_relay(up) as relay:
-        reply = await transaction(relay.port, payload)
-        if reply.startswith("250"):
-            await wait_until(lambda: len(up.messages) >= 1, what="delivery")
-        await asyncio.sleep(0.3)
+    await relay_once(make_relay, up, payload)
     assert len(up.messages) <= 1 and "victim@dest.test" not in up.recipients
     for msg in up.messages:
         assert_clean_wire(msg)
@@ -124,11 +128,7 @@ async def test_smuggling_inside_the_header_section(
 async def test_all_variants_in_one_message(make_relay: Any, fault: MakeFault) -> None:
     up = await fault()
     payload = b"Subject: many\r\n\r\n" + b"".join(b"x" + end + SMUGGLED for end in FAKE_ENDS)
-    async with make_relay(up) as relay:
-        reply = await transaction(relay.port, payload)
-        if reply.startswith("250"):
-            await wait_until(lambda: len(up.messages) >= 1, what="delivery")
-        await asyncio.sleep(0.3)
+    await relay_once(make_relay, up, payload)
     assert len(up.messages) <= 1 and "victim@dest.test" not in up.recipients
     for msg in up.messages:
         assert_clean_wire(msg)

@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -15,16 +14,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from procs import relay_env
 
-from conftest import MESSAGE, PASSWORD, USER, Upstream, wait_until
+from conftest import MESSAGE, PASSWORD, USER, Upstream, free_port, wait_until
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs Linux pidfd_open")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Relay:
@@ -62,21 +56,20 @@ class Relay:
 
 @pytest.fixture
 async def workers2(upstream: Upstream, ca_file: Path, tmp_path: Path) -> AsyncIterator[Relay]:
-    port = _free_port()
-    metrics = _free_port()
+    port = free_port()
+    metrics = free_port()
     spool = tmp_path / "spool"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYRELAY_", "RELAYHOST"))}
-    env.update(
-        RELAYHOST=upstream.relayhost,
+    env = relay_env(
+        relay_port=port,
+        sink_port=upstream.port,
+        spool=spool,
         RELAYHOST_USERNAME=USER,
         RELAYHOST_PASSWORD=PASSWORD,
+        RELAYHOST_TLS_LEVEL="secure",
         RELAYHOST_TLS_CA_FILE=str(ca_file),
-        ALLOWED_SENDER_DOMAINS="example.org",
-        PYRELAY_LISTEN=f"127.0.0.1:{port}",
-        PYRELAY_SPOOL_DIR=str(spool),
+        PYRELAY_LOG_FORMAT="console",
+        PYRELAY_UPSTREAM_DATA_TIMEOUT="30s",
         PYRELAY_WORKERS="2",
-        PYRELAY_MIN_BACKOFF="0.2s",
-        PYRELAY_MAX_BACKOFF="1s",
         PYRELAY_SHUTDOWN_GRACE="2s",
         PYRELAY_METRICS_LISTEN=f"127.0.0.1:{metrics}",
     )
