@@ -44,9 +44,6 @@ class Relay:
         self.started = asyncio.Event()
         self._exit = asyncio.Event()
 
-    def request_exit(self) -> None:
-        self._exit.set()
-
     async def startup(self) -> None:
         if self.worker:
             await self._startup_secondary()
