@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ from pyrelay.metrics import Metrics, enable_multiprocess
 from pyrelay.scheduler import Scheduler
 from pyrelay.server import Listener
 from pyrelay.spool import Spool
-from pyrelay.workers import Handoff, WorkerPool, fork_workers
+from pyrelay.workers import WorkerPool, fork_workers
 
 log = get_logger("pyrelay")
 
@@ -38,15 +37,27 @@ class Relay:
         self.prefork = prefork
         self.metrics = Metrics()
         self.spool = Spool(settings.spool_dir, worker=worker)
-        self.scheduler = Scheduler(settings, self.spool, self.metrics)
+        self.scheduler = Scheduler(settings, self.spool, self.metrics, primary=worker == 0)
         self.listener = Listener(settings, self.spool, self.metrics, self.scheduler.submit)
         self.pool: WorkerPool | None = None
         self.started = asyncio.Event()
         self._exit = asyncio.Event()
 
     async def startup(self) -> None:
+        """Start everything or nothing (like uvicorn): a failure stops what already started
+        and raises ``ConfigError`` naming the variable."""
+        try:
+            await self._startup()
+        except BaseException:
+            await self._stop_started()
+            raise
+
+    async def _startup(self) -> None:
         if self.worker:
-            await self._startup_secondary()
+            # The primary has prepared and recovered the spool; this process only serves.
+            self.scheduler.start()
+            await self._listen()
+            self.started.set()
             return
         s = self.settings
         log.info(
@@ -56,38 +67,48 @@ class Relay:
             **{k.lower(): v for k, v in s.dump().items()},
         )
         warn_unknown_postfix_variables()
-        try:
-            self.spool.prepare()
-        except OSError as exc:
-            raise ConfigError(
-                f"PYRELAY_SPOOL_DIR: {s.spool_dir} is not writable: {exc.strerror or exc}"
-            ) from None
-        recovered = self.scheduler.recover(self.prefork.found if self.prefork else None)
+        if self.prefork is None:
+            prepare_spool(s, self.spool)
+            recovered = self.scheduler.recover()
+        else:
+            recovered = self.prefork.recovered
         if recovered:
-            log.info("queue_recovered", messages=recovered)
+            log.info("queue_recovered", requeued=recovered)
         self.scheduler.start()
-        try:
-            await self.listener.start()
-        except OSError as exc:
-            await self.scheduler.stop(0)
-            raise ConfigError(f"PYRELAY_LISTEN: cannot listen: {exc.strerror or exc}") from None
+        await self._listen()
         self.metrics.watch_queue(self.scheduler.queue_stats)
         if s.metrics_listen is not None:
-            self.metrics.serve(s.metrics_listen)
+            try:
+                self.metrics.serve(s.metrics_listen)
+            except OSError as exc:
+                raise ConfigError(
+                    f"PYRELAY_METRICS_LISTEN: cannot listen on {s.metrics_listen}: "
+                    f"{exc.strerror or exc}"
+                ) from None
             log.info("metrics_listening", address=str(s.metrics_listen))
         if self.prefork is not None:
             self.pool = WorkerPool(s, self.scheduler, self.prefork.pids)
-            await self.pool.start(self.prefork.notify)
-        (s.spool_dir / PID_FILE).write_text(f"{os.getpid()}\n")
+            self.pool.start()
+        pid_file = s.spool_dir / PID_FILE
+        pid_file.write_text(f"{os.getpid()}\n")
+        os.chmod(pid_file, 0o600)
+        asyncio.get_running_loop().run_in_executor(self.spool.executor, self.spool.sweep_orphans)
         self.started.set()
         log.info("started", version=__version__, workers=s.workers)
 
-    async def _startup_secondary(self) -> None:
-        # The primary has prepared and recovered the spool; this process only serves.
-        self.scheduler.handoff = Handoff(self.settings)
-        self.scheduler.start()
-        await self.listener.start()
-        self.started.set()
+    async def _listen(self) -> None:
+        try:
+            await self.listener.start()
+        except OSError as exc:
+            raise ConfigError(f"PYRELAY_LISTEN: cannot listen: {exc.strerror or exc}") from None
+
+    async def _stop_started(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.listener.stop(0)
+        with contextlib.suppress(Exception):
+            await self.scheduler.stop(0)
+        self.metrics.close()
+        self.spool.close()
 
     async def shutdown(self) -> None:
         grace = self.settings.shutdown_grace
@@ -126,7 +147,8 @@ class Relay:
                 installed.append(sig)
             if not self.worker:  # deferred entries belong to the primary alone
                 loop.add_signal_handler(signal.SIGUSR1, self._on_flush)
-                installed.append(signal.SIGUSR1)
+                loop.add_signal_handler(signal.SIGUSR2, self.scheduler.scan_now)
+                installed += [signal.SIGUSR1, signal.SIGUSR2]
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread (tests run relays in-process)
         try:
@@ -165,24 +187,29 @@ class Prefork:
     """What the primary prepared before forking its workers."""
 
     pids: dict[int, int]
-    notify: socket.socket
-    found: list[tuple[str, float, float]]
+    recovered: int
 
 
-def _prefork(settings: Settings) -> Prefork:
-    spool = Spool(settings.spool_dir)
+def prepare_spool(settings: Settings, spool: Spool) -> None:
     try:
         spool.prepare()
     except OSError as exc:
         raise ConfigError(
             f"PYRELAY_SPOOL_DIR: {settings.spool_dir} is not writable: {exc.strerror or exc}"
         ) from None
-    if settings.metrics_listen is not None:
-        enable_multiprocess(settings.spool_dir / "metrics")
-    # Leftovers are listed before any worker can add entries of its own.
-    found = Scheduler(settings, spool, Metrics()).scan()
-    notify = WorkerPool.open_notify_socket(settings)
-    return Prefork(fork_workers(settings, serve_worker), notify, found)
+
+
+def _prefork(settings: Settings) -> Prefork:
+    spool = Spool(settings.spool_dir, threads=1)
+    try:
+        prepare_spool(settings, spool)
+        if settings.metrics_listen is not None:
+            enable_multiprocess(settings.spool_dir / "metrics")
+        # Leftovers are requeued before any worker can add entries of its own.
+        recovered = Scheduler(settings, spool, Metrics()).recover()
+    finally:
+        spool.close()
+    return Prefork(fork_workers(settings, serve_worker), recovered)
 
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:

@@ -12,11 +12,11 @@ import os
 import re
 import socket
 import ssl
-import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
@@ -92,10 +92,32 @@ class Session:
 
     client: aiosmtplib.SMTP
     relay: str
-    encrypted: bool
-    authenticated: bool
-    last_used: float
     dirty: bool = False
+
+
+class MessageBody(Protocol):
+    """A queued message in wire form, sent after ``DATA`` without holding all of it."""
+
+    @property
+    def size(self) -> int: ...
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
+class InMemoryBody:
+    """A small message still in memory from its acceptance."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield self.data
 
 
 async def _resolve(host: str, port: int, timeout: float) -> list[tuple[int, tuple[str, int]]]:
@@ -203,13 +225,7 @@ class Upstream:
         except BaseException:
             client.close()
             raise
-        return Session(
-            client=client,
-            relay=relay,
-            encrypted=client.get_transport_info("sslcontext") is not None,
-            authenticated=s.has_credentials,
-            last_used=time.monotonic(),
-        )
+        return Session(client=client, relay=relay)
 
     async def _handshake(
         self,
@@ -326,7 +342,7 @@ class Upstream:
         session: Session,
         sender: str,
         recipients: Sequence[str],
-        message: bytes,
+        message: MessageBody,
         *,
         smtputf8: bool = False,
         eightbit: bool = False,
@@ -343,7 +359,7 @@ class Upstream:
             session.dirty = True
             options: list[str] = []
             if client.supports_extension("size"):
-                options.append(f"SIZE={len(message)}")
+                options.append(f"SIZE={message.size}")
             if eightbit and client.supports_extension("8bitmime"):
                 options.append("BODY=8BITMIME")
             if smtputf8:
@@ -413,7 +429,6 @@ class Upstream:
                             dsn_of(reply.code, reply.message),
                             f"{reply.code} {one_line(reply.message)}",
                         )
-            session.last_used = time.monotonic()
             return [results[r] for r in recipients]
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
             client.close()
@@ -503,14 +518,16 @@ def _cipher(client: aiosmtplib.SMTP) -> str:
 
 
 async def send_wire_data(
-    client: aiosmtplib.SMTP, message: bytes, *, timeout: float
+    client: aiosmtplib.SMTP, message: MessageBody, *, timeout: float
 ) -> SMTPResponse:
-    """DATA with a message already in wire form (CRLF, dot-stuffed, validated at receipt).
+    """DATA with a message already in wire form (CRLF, dot-stuffed, validated at receipt),
+    streamed chunk by chunk with flow control, so that a large message is never in memory.
 
-    aiosmtplib's ``data()`` re-normalises line endings and dot-stuffs with two regex passes
-    over the whole message; the spool keeps the wire form so this seam writes it as it is.
-    It relies on aiosmtplib's protocol internals (``_command_lock``, ``_response_pending``),
-    pinned by the dependency range and covered by the end-to-end tests.
+    aiosmtplib's ``data()`` takes the whole message and re-normalises line endings and
+    dot-stuffs it with two regex passes; the spool keeps the wire form so this seam writes it
+    as it is.  It relies on aiosmtplib's protocol internals (``_command_lock``,
+    ``_response_pending``, ``_drain_helper``), pinned in pyproject.toml and guarded by
+    tests/test_library_contracts.py.
     """
     protocol = client.protocol
     if protocol is None or protocol._command_lock is None:
@@ -523,7 +540,15 @@ async def send_wire_data(
             if start.code != 354:
                 raise aiosmtplib.SMTPDataError(start.code, start.message)
             protocol._response_pending = True
-            protocol.write(message)
+            async for chunk in message.chunks():
+                protocol.write(chunk)
+                try:
+                    # Wait while the transport's buffer is above its high-water mark.
+                    await asyncio.wait_for(protocol._drain_helper(), timeout)
+                except TimeoutError:
+                    raise aiosmtplib.SMTPTimeoutError("Timed out sending the message") from None
+                except ConnectionError:
+                    raise aiosmtplib.SMTPServerDisconnected("Connection lost") from None
             protocol.write(b".\r\n")
             reply = await protocol.read_response(timeout=timeout)
             if reply.code != 250:

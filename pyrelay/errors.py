@@ -54,16 +54,11 @@ class SpoolFullError(SpoolError):
 
 
 class DeliveryError(RelayError):
-    """An upstream step failed for every pending recipient of a message.
+    """An upstream step failed for every pending recipient of a message: the message is
+    deferred (a 5xx for one recipient is a per-recipient result, never this)."""
 
-    ``permanent`` means bounce (5xx); otherwise the message is deferred.
-    """
-
-    def __init__(
-        self, status: str, text: str, /, *, permanent: bool = False, kind: str = "other"
-    ) -> None:
+    def __init__(self, status: str, text: str, /, *, kind: str = "other") -> None:
         self.status = status
         self.text = text
-        self.permanent = permanent
         self.kind = kind
         super().__init__(text)

@@ -1,10 +1,11 @@
 """``pyrelay queue``: Postfix's ``mailq``, ``postqueue -f`` and ``postsuper -d/-h/-H`` for the
 spool.  Works on the queue directories directly, whether or not the relay runs; only ``flush`` and
-``release`` need the running relay, which they signal (SIGUSR1) to rescan ``deferred/``.
+``release`` signal the running relay (SIGUSR1: retry everything; SIGUSR2: look for due entries).
 
-Moving or deleting an entry under a running relay is safe: the scheduler re-reads a deferred
-entry when it is due and skips it if the file is gone.  A message already being delivered may
-still go out.
+Every change is one atomic rename or unlink, so it is safe under a running relay: a delivery
+claims an entry by renaming it into ``active/`` and skips it when the rename fails.  An entry in
+``active/`` is being delivered now; ``hold`` and ``delete`` of such an entry are recorded as a
+request that the relay honours when that attempt ends (the attempt itself may still deliver it).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from pyrelay.commands import Subparsers, add_command, add_json_flag, error, prin
 from pyrelay.config import load_settings
 
 if TYPE_CHECKING:
-    from pyrelay.spool import Envelope, Spool
+    from pyrelay.spool import Envelope, OpenEntry, Spool
 
-STATES = ("incoming", "deferred", "hold", "corrupt")
+STATES = ("incoming", "active", "deferred", "hold", "corrupt")
 _QUEUE_ID = re.compile(r"^[0-9A-Z]{1,64}$")
 
 
@@ -109,7 +110,7 @@ def _entries(spool: Spool) -> list[dict[str, Any]]:
     for state in STATES:
         for queue_id in spool.ids(state):
             try:
-                env, _ = spool.read(state, queue_id)
+                env = spool.read_envelope(state, queue_id)
             except FileNotFoundError:
                 continue  # delivered or moved while we looked
             except (CorruptEntry, OSError) as exc:
@@ -127,9 +128,10 @@ def _entries(spool: Spool) -> list[dict[str, Any]]:
                     "last_error": f"unreadable queue file: {exc}",
                 }
                 continue
-            # A scheduler rewrite briefly leaves both incoming/ID and deferred/ID; the later
-            # state (this loop's order) is the live one.
-            seen[queue_id] = _entry_dict(env)
+            entry = _entry_dict(env)
+            if state == "active":
+                entry["request"] = spool.pending_request(queue_id)
+            seen[queue_id] = entry
     entries = sorted(seen.values(), key=lambda e: (e["arrival"], e["queue_id"]))
     for entry in entries:
         entry["age"] = round(max(0.0, now - entry["arrival"]), 1)
@@ -206,41 +208,75 @@ def _find(spool: Spool, raw_id: str) -> tuple[str, str]:
 
 def cmd_queue_show(args: argparse.Namespace) -> int:
     from pyrelay.spool import CorruptEntry
-    from pyrelay.wire import dot_unstuff
 
     spool = _open_spool()
+    entry: OpenEntry | None = None
     try:
         queue_id, state = _find(spool, args.queue_id)
         if not state:
             return error(f"queue: no such message: {args.queue_id}")
         try:
-            env, wire = spool.read(state, queue_id)
+            entry = spool.open_entry(state, queue_id)
         except (CorruptEntry, OSError) as exc:
             return error(f"queue: {queue_id}: unreadable queue file: {exc}")
-    finally:
-        spool.close()
-    message = dot_unstuff(wire).decode("utf-8", errors="replace")
-    entry = _entry_dict(env) | {
-        "client": env.client,
-        "delivered": list(env.delivered),
-        "age": round(time.time() - env.arrival, 1),
-    }
-    if getattr(args, "json", False):
-        print_json(entry | {"message": message})
+        env = entry.envelope
+        info = _entry_dict(env) | {
+            "client": env.client,
+            "delivered": list(env.delivered),
+            "age": round(time.time() - env.arrival, 1),
+        }
+        if getattr(args, "json", False):
+            # JSON needs the whole text; the CLI is a separate short-lived process.
+            message = _unstuffed(spool, entry).decode("utf-8", errors="replace")
+            print_json(info | {"message": message})
+            return EXIT_OK
+        for key, value in info.items():
+            if isinstance(value, list):
+                value = " ".join(f"<{v}>" for v in value)
+            elif key in ("arrival", "next_attempt") and value:
+                value = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(value))
+            elif key == "age":
+                value = _age(value)
+            elif key == "sender":
+                value = f"<{value}>"
+            print(f"{key}: {value}")
+        print()
+        sys.stdout.flush()
+        _write_message(spool, entry)
         return EXIT_OK
-    for key, value in entry.items():
-        if isinstance(value, list):
-            value = " ".join(f"<{v}>" for v in value)
-        elif key in ("arrival", "next_attempt") and value:
-            value = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(value))
-        elif key == "age":
-            value = _age(value)
-        elif key == "sender":
-            value = f"<{value}>"
-        print(f"{key}: {value}")
-    print()
-    sys.stdout.write(message.replace("\r\n", "\n"))
-    return EXIT_OK
+    finally:
+        if entry is not None:
+            entry.close()
+        spool.close()
+
+
+def _unstuffed(spool: Spool, entry: OpenEntry) -> bytes:
+    from pyrelay.wire import dot_unstuff
+
+    return dot_unstuff(spool.read_message(entry, 0, entry.envelope.size))
+
+
+def _write_message(spool: Spool, entry: OpenEntry) -> None:
+    """The message as it will be relayed, un-stuffed, with LF line ends, chunk by chunk."""
+    out = sys.stdout.buffer
+    pos, size, line_start = 0, entry.envelope.size, True
+    while pos < size:
+        chunk = spool.read_message(entry, pos, min(1 << 20, size - pos))
+        if not chunk:
+            break
+        pos += len(chunk)
+        # Cut after the last CRLF so that no line end or stuffed dot is split.
+        if pos < size:
+            cut = chunk.rfind(b"\r\n") + 2
+            if cut >= 2:
+                pos -= len(chunk) - cut
+                chunk = chunk[:cut]
+        if line_start and chunk.startswith(b"."):
+            chunk = chunk[1:]
+        text = chunk.replace(b"\r\n.", b"\r\n").replace(b"\r\n", b"\n")
+        line_start = chunk.endswith(b"\r\n")
+        out.write(text)
+    out.flush()
 
 
 def _relay_pid(spool_dir: Path) -> tuple[int | None, str]:
@@ -270,14 +306,14 @@ def _relay_pid(spool_dir: Path) -> tuple[int | None, str]:
     return pid, ""
 
 
-def _signal_flush(spool_dir: Path) -> tuple[int | None, str]:
+def _signal_flush(spool_dir: Path, *, everything: bool = True) -> tuple[int | None, str]:
     import signal
 
     pid, why = _relay_pid(spool_dir)
     if pid is None:
         return None, why
     try:
-        os.kill(pid, signal.SIGUSR1)
+        os.kill(pid, signal.SIGUSR1 if everything else signal.SIGUSR2)
     except OSError as exc:
         return None, f"cannot signal the relay (pid {pid}): {exc.strerror}"
     return pid, ""
@@ -343,24 +379,49 @@ def _manage(
 
 
 def _delete(spool: Spool, queue_id: str, state: str) -> bool:
+    if state != "active" and spool.delete(queue_id, state):
+        return True
+    return _in_delivery(spool, queue_id, "delete")
+
+
+def _in_delivery(spool: Spool, queue_id: str, action: str) -> bool:
+    """The entry moved since we looked (a delivery claimed it): record the request, which the
+    relay honours when the attempt ends, or redo the move if the attempt has ended already."""
+    for _ in range(100):
+        state = spool.find(queue_id)
+        if state is None:
+            return False  # delivered (or deleted) meanwhile
+        if state == "active":
+            spool.request(queue_id, action)
+            if spool.find(queue_id) == "active":
+                print(f"{queue_id}: being delivered now; {action} when this attempt ends")
+                return True
+            spool.clear_request(queue_id)
+            continue
+        if action == "delete" and spool.delete(queue_id, state):
+            return True
+        if action == "hold" and state in ("incoming", "deferred"):
+            if spool.move(queue_id, state, "hold"):
+                return True
+            continue
+        return False
+    return False
+
+
+def _hold(spool: Spool, queue_id: str, state: str) -> bool:
+    if state != "active" and spool.move(queue_id, state, "hold"):
+        return True
+    return _in_delivery(spool, queue_id, "hold")
+
+
+def _release(spool: Spool, queue_id: str, state: str) -> bool:
+    # Due now: the relay's queue runner takes deferred/ entries whose mtime has passed.
     try:
-        os.unlink(spool.path(state, queue_id))
+        now = time.time()
+        os.utime(spool.path("hold", queue_id), (now, now))
     except FileNotFoundError:
         return False
-    return True
-
-
-def _mover(dst: str, *, due_now: bool = False) -> Callable[[Spool, str, str], bool]:
-    from pyrelay.spool import CorruptEntry
-
-    def move(spool: Spool, queue_id: str, state: str) -> bool:
-        try:
-            return spool.move(queue_id, state, dst, due_now=due_now)
-        except CorruptEntry as exc:
-            error(f"{queue_id}: unreadable queue file, not moved: {exc}")
-            return False
-
-    return move
+    return spool.move(queue_id, "hold", "deferred")
 
 
 def cmd_queue_delete(args: argparse.Namespace) -> int:
@@ -368,16 +429,14 @@ def cmd_queue_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_queue_hold(args: argparse.Namespace) -> int:
-    # A deferred entry the relay has scheduled is skipped when its time comes: the scheduler
-    # re-reads the file and finds it gone.
-    return _manage(args, ("incoming", "deferred"), _mover("hold"), "put on hold")[0]
+    return _manage(args, ("incoming", "active", "deferred"), _hold, "put on hold")[0]
 
 
 def cmd_queue_release(args: argparse.Namespace) -> int:
-    code, released = _manage(args, ("hold",), _mover("deferred", due_now=True), "released")
+    code, released = _manage(args, ("hold",), _release, "released")
     if released:
-        # The relay only notices new deferred entries when flushed.
-        pid, why = _signal_flush(load_settings().spool_dir)
+        # Only the released entries are due now; the rest of the queue keeps its schedule.
+        pid, why = _signal_flush(load_settings().spool_dir, everything=False)
         if pid is None:
             print(f"note: {why}; released mail goes out when it starts")
     return code

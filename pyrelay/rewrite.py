@@ -185,10 +185,17 @@ def _skip_comment(buf: bytes, pos: int, end: int) -> int:
     raise _Unparsable
 
 
+# Postfix cleanup's header_address_token_limit: a field with more tokens is relayed as it is,
+# not rewritten (it bounds the work one header can cause).
+TOKEN_LIMIT = 10240
+
+
 def _tokenize(buf: bytes, start: int, end: int) -> list[_Token]:
     tokens: list[_Token] = []
     i = start
     while i < end:
+        if len(tokens) > TOKEN_LIMIT:
+            raise _Unparsable
         c = buf[i]
         if c in _WHITESPACE:
             i += 1
@@ -354,10 +361,12 @@ def _masquerade_field(
 
 @dataclass(frozen=True, slots=True)
 class Rewritten:
-    """The relayed message is ``headers + original[body_start:]``."""
+    """The relayed message is ``headers + original[body_start:]``; ``hops`` counts the
+    ``Received:`` fields the message arrived with (Postfix ``hopcount_limit``)."""
 
     headers: bytes
     body_start: int
+    hops: int = 0
 
 
 # Field name: printable ASCII except ':'; whitespace before the colon is obsolete but accepted,
@@ -446,9 +455,12 @@ def rewrite_message(
     chunks: list[bytes] = [received]
     cursor = 0
     have_message_id = have_date = False
+    hops = 0
     for field in block.fields:
         name = field.name
-        if name == "message-id":
+        if name == "received":
+            hops += 1
+        elif name == "message-id":
             have_message_id = True
         elif name == "date":
             have_date = True
@@ -470,7 +482,7 @@ def rewrite_message(
     chunks.extend(added)
     if block.separator:
         chunks.append(_CRLF)
-    return Rewritten(b"".join(chunks), block.body_start)
+    return Rewritten(b"".join(chunks), block.body_start, hops)
 
 
 def build_received(

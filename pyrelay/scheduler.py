@@ -1,42 +1,55 @@
-"""The queue manager (qmgr): who is delivered when, retries with backoff, bounces.
+"""The queue manager (qmgr): which entries are delivered when.
 
-Fresh messages come from the listener with their bytes still in memory and go straight to a
-worker.  Deferred ones wait in a heap keyed by due time and are re-read from disk when due.
-Each worker owns one upstream session and reuses it for the next message.
+Like Postfix's qmgr it keeps a bounded *active set* in memory and leaves the rest of the queue
+on disk, so memory does not grow with the queue:
+
+- fresh messages come from the listener (a small one with its bytes) straight into the active
+  queue; when it is full they stay in ``incoming/`` and are picked up by a scan later;
+- the primary process's queue runner scans ``deferred/`` every ``queue_run_delay`` (and when the
+  soonest known retry is due, or on ``flush``), taking the entries whose mtime (their next
+  attempt) has passed, at most as many as there is room for;
+- delivery agents (``pyrelay.agents``) take items from the active queue; what happens after an
+  attempt is ``pyrelay.outcome``.
+
+Secondary worker processes run the same scheduler without the ``deferred/`` scan: their
+deferrals land in ``deferred/``, which belongs to the primary.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import random
+import math
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
+from dataclasses import dataclass
 
-from pyrelay.bounce import FailedRecipient, build_bounce
+from pyrelay.agents import DeliveryAgents, DueEntry, FreshMessage, WorkItem
 from pyrelay.config import Settings
-from pyrelay.delivery import Outcome, RecipientResult, Session, Upstream
-from pyrelay.errors import DeliveryError, SpoolError
+from pyrelay.delivery import Upstream
 from pyrelay.logging import get_logger
 from pyrelay.metrics import Metrics
-from pyrelay.spool import CorruptEntry, Envelope, Spool, worker_of
-from pyrelay.wire import dot_stuff, header_block
+from pyrelay.outcome import OutcomeRecorder, retry_delay
+from pyrelay.queuefile import Envelope
+from pyrelay.spool import Spool, arrival_of, worker_of
+
+__all__ = ["ACTIVE_LIMIT", "Scheduler", "retry_delay"]
 
 log = get_logger("pyrelay.scheduler")
 
-# Keep at most this many message bytes in memory for messages waiting for a worker; beyond
-# it they are re-read from the spool, so a slow upstream cannot exhaust memory.
-MEMORY_BUDGET = 64 * 1024 * 1024
+# Work items in memory at once (Postfix qmgr_message_active_limit is 20000; an item here is a
+# queue ID, or a fresh message's envelope).
+ACTIVE_LIMIT = 10_000
+# Bytes of small fresh messages kept in memory for their first attempt; past it they are read
+# back from the spool.
+PAYLOAD_BUDGET = 8 * 1024 * 1024
 
 
-def retry_delay(
-    attempts: int, min_backoff: float, max_backoff: float, rand: Callable[[], float] = random.random
-) -> float:
-    """Seconds until the next attempt after ``attempts`` failed ones (Postfix doubling), ±10 %
-    jitter so that a burst deferred together does not retry together."""
-    base = min(max_backoff, min_backoff * (2 ** max(0, attempts - 1)))
-    return float(min(max_backoff, base * (0.9 + 0.2 * rand())))
+@dataclass(frozen=True, slots=True)
+class _Scan:
+    due: list[str]
+    more: bool  # due entries that did not fit
+    count: int
+    oldest: float
+    soonest: float
 
 
 class Scheduler:
@@ -47,477 +60,219 @@ class Scheduler:
         metrics: Metrics,
         *,
         upstream: Upstream | None = None,
+        primary: bool = True,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.metrics = metrics
+        self.primary = primary
         self.upstream = upstream or Upstream(settings)
-        self._ready: asyncio.Queue[tuple[Envelope, bytes | None]] = asyncio.Queue()
-        self._heap: list[tuple[float, int, str]] = []
-        self._seq = 0
-        self._known: set[str] = set()
-        self._in_memory = 0
+        self.queue: asyncio.Queue[WorkItem] = asyncio.Queue()
+        self._queued: set[str] = set()
+        self._payload = 0
+        self.recorder = OutcomeRecorder(settings, spool, metrics, self.submit)
+        self.recorder.on_deferred = self._deferred_until
+        self.agents = DeliveryAgents(
+            settings, spool, metrics, self.upstream, self.recorder, self._take
+        )
+        self._runner: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._workers: list[asyncio.Task[None]] = []
-        self._busy: dict[asyncio.Task[None], str] = {}
-        self._inflight: dict[asyncio.Task[None], asyncio.Future[Session | None]] = {}
-        self._timer: asyncio.Task[None] | None = None
-        self._closing = False
-        self._suspended_until = 0.0
-        self._suspend_reason: DeliveryError | None = None
-        self.arrivals: dict[str, float] = {}
-        # Set in secondary worker processes: deferred entries are handed to the primary
-        # process, which alone schedules retries (one owner per deferred entry).
-        self.handoff: Callable[[Envelope], None] | None = None
+        self._flush = False
+        self._overflow = False
+        self._more = False
+        self._soonest = math.inf
+        # Queue size for metrics without keeping the queue in memory: the last scan's count of
+        # deferred/, corrected by what moved since, plus the work in memory.
+        self._deferred_count = 0
+        self._deferred_delta = 0
+        self._not_deferred = 0  # items in the active queue that are not in deferred/
+        self._scans = 0
+        self._oldest = time.time()
+        # Postfix queue_run_delay: how often deferred/ is scanned (it defaults to the minimal
+        # backoff, so a retry happens between one and two backoffs after a failure at worst).
+        self.run_delay = max(0.05, min(settings.min_backoff, 300.0))
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def scan(self) -> list[tuple[str, float, float]]:
-        """Read every queue entry left by a previous run: ``(queue_id, due_in, arrival)``.
-
-        Needs no event loop, so a multi-worker relay runs it before forking its workers (their
-        new entries must not be mistaken for leftovers)."""
+    def recover(self) -> int:
+        """Before serving: drop half-written files and move what a previous run left in
+        ``incoming/`` and ``active/`` to ``deferred/``, due now.  Only renames (no entry is
+        read), so start-up time does not depend on the queue size."""
         removed = self.spool.clean_tmp()
         if removed:
             log.info("spool_cleanup", removed_partial=removed)
-        deferred = set(self.spool.ids("deferred"))
-        found: list[tuple[str, float, float]] = []
-        for state in ("incoming", "deferred"):
-            for queue_id in self.spool.ids(state):
-                if state == "incoming" and queue_id in deferred:
-                    # Crash between writing deferred/ID and unlinking incoming/ID: the deferred
-                    # copy carries the newer per-recipient state.
-                    self.spool._unlink("incoming", queue_id)
-                    continue
-                try:
-                    env, _ = self.spool.read(state, queue_id)
-                except CorruptEntry as exc:
-                    log.error("corrupt_queue_file", queue_id=queue_id, state=state, reason=str(exc))
-                    self.spool.quarantine(state, queue_id)
-                    continue
-                except OSError as exc:
-                    log.error("unreadable_queue_file", queue_id=queue_id, reason=str(exc))
-                    continue
-                due_in = 0.0 if state == "incoming" else self._clamp(env.next_attempt - time.time())
-                found.append((queue_id, due_in, env.arrival))
-        return found
-
-    def recover(self, found: list[tuple[str, float, float]] | None = None) -> int:
-        """Schedule the entries of a previous run (scanning now unless ``found`` is given)."""
-        if found is None:
-            found = self.scan()
-        for queue_id, due_in, arrival in found:
-            self._schedule(queue_id, due_in)
-            self.arrivals[queue_id] = arrival
-        return len(found)
-
-    def _clamp(self, seconds: float) -> float:
-        # A wall clock that jumped backwards must not push retries out beyond the longest backoff.
-        return max(0.0, min(seconds, self.settings.max_backoff))
+        return self.spool.requeue()
 
     def start(self) -> None:
-        self._timer = asyncio.create_task(self._run_timer(), name="pyrelay-timer")
-        for i in range(self.settings.concurrency):
-            self._workers.append(
-                asyncio.create_task(self._run_worker(), name=f"pyrelay-worker-{i}")
-            )
+        self._runner = asyncio.create_task(self._run_queue(), name="pyrelay-queue-runner")
+        self.agents.start()
+        self._wake.set()  # the first scan is the recovery of the deferred queue
 
     async def stop(self, grace: float) -> None:
-        """Stop taking work; let in-flight deliveries finish within ``grace`` seconds.  Whatever
-        is not finished stays in the spool for the next start."""
-        self._closing = True
-        if self._timer:
-            self._timer.cancel()
-        idle = [t for t in self._workers if t not in self._busy]
-        for task in idle:
-            task.cancel()
-        busy = list(self._busy)
-        if busy:
-            log.info("shutdown_waiting", deliveries=len(busy), grace=grace)
-            _, pending = await asyncio.wait(busy, timeout=grace)
-            inner = [self._inflight[t] for t in pending if t in self._inflight]
-            for task in pending:
-                log.warning("shutdown_cancelled", queue_id=self._busy.get(task, "?"))
-                task.cancel()
-            if inner:
-                # The deliveries run shielded from their workers; stop them too.  A cancel can
-                # be lost (Python 3.11's wait_for swallows it when the reply arrives in the same
-                # loop iteration) and the delivery would then wait out the upstream's reply, so
-                # also close the connections: every wait on the upstream ends now, and the
-                # messages stay queued (delivered again later if the upstream had them already:
-                # the at-least-once window).
-                for fut in inner:
-                    fut.cancel()
-                self.upstream.abort_all()
-                await asyncio.wait(inner, timeout=1.0)
-        for task in self._workers:
-            task.cancel()
-        await asyncio.gather(
-            *self._workers, *([self._timer] if self._timer else []), return_exceptions=True
-        )
+        if self._runner is not None:
+            self._runner.cancel()
+        await self.agents.stop(grace)
+        if self._runner is not None:
+            await asyncio.gather(self._runner, return_exceptions=True)
 
     # -- intake ----------------------------------------------------------------------------
 
-    def submit(self, env: Envelope, message: bytes) -> None:
-        """A message just became durable: deliver it as soon as a worker is free."""
-        self._known.add(env.queue_id)
-        self.arrivals[env.queue_id] = env.arrival
-        if self._in_memory + len(message) <= MEMORY_BUDGET:
-            self._in_memory += len(message)
-            self._ready.put_nowait((env, message))
-        else:
-            self._ready.put_nowait((env, None))
+    def submit(self, env: Envelope, payload: bytes | None) -> None:
+        """A message just became durable in ``incoming/``: deliver it as soon as an agent is
+        free.  When the active queue is full it waits on disk for a later scan."""
+        if self.queue.qsize() >= ACTIVE_LIMIT:
+            self._overflow = True
+            return
+        if payload is not None:
+            if self._payload + len(payload) > PAYLOAD_BUDGET:
+                payload = None
+            else:
+                self._payload += len(payload)
+        self._queued.add(env.queue_id)
+        self._not_deferred += 1
+        self.queue.put_nowait(FreshMessage(env, payload))
 
-    def _schedule(self, queue_id: str, due_in: float) -> None:
-        self._known.add(queue_id)
-        self._seq += 1
-        due = asyncio.get_running_loop().time() + due_in
-        heapq.heappush(self._heap, (due, self._seq, queue_id))
-        self._wake.set()
+    async def _take(self) -> WorkItem:
+        item = await self.queue.get()
+        self._queued.discard(item.queue_id)
+        if item.state == "deferred":
+            self._deferred_delta -= 1
+        else:
+            self._not_deferred -= 1
+        if isinstance(item, FreshMessage) and item.payload is not None:
+            self._payload -= len(item.payload)
+        if (self._overflow or self._more) and self.queue.qsize() <= ACTIVE_LIMIT // 2:
+            self._wake.set()
+        return item
+
+    def _enqueue(self, ids: list[str], state: str) -> None:
+        for queue_id in ids:
+            if queue_id not in self._queued:
+                self._queued.add(queue_id)
+                if state != "deferred":
+                    self._not_deferred += 1
+                self.queue.put_nowait(DueEntry(queue_id, state))
+
+    # -- commands --------------------------------------------------------------------------
 
     def flush(self) -> int:
-        """Make every deferred message due now (``postqueue -f``), including ones the CLI
-        released from hold since the relay last looked."""
-        self._suspend_reason = None
-        self._heap = [(0.0, seq, queue_id) for _, seq, queue_id in self._heap]
-        heapq.heapify(self._heap)
-        count = self.adopt_unknown_deferred(0.0)
+        """Make every deferred message due now (``postqueue -f``); returns how many the last
+        scan saw."""
+        self._flush = True
+        self.agents.suspension.clear()
         self._wake.set()
-        return count
+        return self._deferred_count
 
-    def adopt(self, queue_id: str, next_attempt: float, arrival: float) -> None:
-        """Take over a deferred entry from a secondary worker process."""
-        if queue_id in self._known:
-            return
-        self.arrivals[queue_id] = arrival
-        self._schedule(queue_id, self._clamp(next_attempt - time.time()))
-
-    def adopt_unknown_deferred(self, due_in: float) -> int:
-        """Schedule the ``deferred/`` entries this process does not know (released from hold by
-        the CLI, or a lost hand-off) in ``due_in`` seconds.  Returns how many are deferred."""
-        ids = set(self.spool.ids("deferred"))
-        for queue_id in ids - self._known:
-            self._schedule(queue_id, due_in)
-        return len(ids)
+    def scan_now(self) -> None:
+        """Look for due entries now (after ``queue release``)."""
+        self._wake.set()
 
     def adopt_orphans(self, worker: int) -> int:
-        """Take over the ``incoming/`` entries of a worker process that died, before a
-        replacement (which reuses the index) can create new ones."""
-        count = 0
-        for queue_id in self.spool.ids("incoming"):
-            if worker_of(queue_id) == worker and queue_id not in self._known:
-                self._schedule(queue_id, 0.0)
-                count += 1
-        return count
+        """A worker process died: its ``incoming/`` and ``active/`` entries go to ``deferred/``
+        (due now) before a replacement, which reuses its index, can create new ones."""
+        moved = self.spool.requeue(worker=worker)
+        self._wake.set()
+        return moved
+
+    def _deferred_until(self, when: float) -> None:
+        self._deferred_delta += 1
+        if when < self._soonest:
+            self._soonest = when
 
     def queue_stats(self) -> tuple[int, float]:
         now = time.time()
-        size = len(self.arrivals)
-        oldest = min(self.arrivals.values(), default=now)
-        return size, now - oldest
+        deferred = self._deferred_count + self._deferred_delta
+        size = max(0, deferred) + self._not_deferred + self.agents.busy
+        return size, max(0.0, now - self._oldest) if size else 0.0
 
-    async def _run_timer(self) -> None:
-        loop = asyncio.get_running_loop()
+    # -- the queue runner ------------------------------------------------------------------
+
+    def _next_wait(self, last_scan: float) -> float | None:
+        if not self.primary:
+            return None
+        now = time.time()
+        regular = last_scan + self.run_delay
+        soonest = max(self._soonest, last_scan + self.run_delay / 10)
+        return max(0.0, min(regular, soonest) - now)
+
+    async def _run_queue(self) -> None:
+        last_scan = 0.0
         while True:
-            now = loop.time()
-            while self._heap and self._heap[0][0] <= now:
-                _, _, queue_id = heapq.heappop(self._heap)
-                self._ready.put_nowait((_Placeholder.envelope(queue_id), None))
-            timeout = (self._heap[0][0] - now) if self._heap else None
-            self._wake.clear()
+            timeout = self._next_wait(last_scan)
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except TimeoutError:
                 pass
+            self._wake.clear()
+            try:
+                if self._overflow:
+                    await self._scan_incoming()
+                if self.primary:
+                    last_scan = time.time()
+                    await self._scan_deferred()
+            except OSError as exc:
+                log.error("queue_scan_failed", reason=exc.strerror or str(exc))
+                await asyncio.sleep(1.0)
 
-    # -- delivery --------------------------------------------------------------------------
+    def _room(self) -> int:
+        return max(0, ACTIVE_LIMIT - self.queue.qsize())
 
-    async def _run_worker(self) -> None:
-        session: Session | None = None
-        idle = self.settings.upstream_idle_timeout
-        task = asyncio.current_task()
-        assert task is not None
-        try:
-            while not self._closing:
-                try:
-                    if session is None:
-                        env, message = await self._ready.get()
-                    else:
-                        env, message = await asyncio.wait_for(self._ready.get(), idle)
-                except TimeoutError:
-                    if session is not None:
-                        await self.upstream.close(session)
-                    session = None
+    async def _scan_incoming(self) -> None:
+        room = self._room()
+        if not room:
+            return
+        queued = frozenset(self._queued)
+        me = self.spool.worker
+
+        def scan() -> tuple[list[str], bool]:
+            found: list[str] = []
+            for queue_id in self.spool.ids("incoming"):
+                if worker_of(queue_id) == me and queue_id not in queued:
+                    if len(found) >= room:
+                        return found, True
+                    found.append(queue_id)
+            return found, False
+
+        result = await self.spool.run(scan)
+        assert isinstance(result, tuple)
+        found, more = result
+        self._overflow = more
+        self._enqueue(found, "incoming")
+
+    async def _scan_deferred(self) -> None:
+        everything, self._flush = self._flush, False
+        room = self._room()
+        queued = frozenset(self._queued)
+        horizon = self.settings.max_backoff * 1.2 + 1.0
+
+        def scan() -> _Scan:
+            now = time.time()
+            due: list[str] = []
+            more = False
+            count = 0
+            oldest = now
+            soonest = math.inf
+            for queue_id, when in self.spool.due(now, everything=everything, horizon=horizon):
+                count += 1
+                oldest = min(oldest, arrival_of(queue_id))
+                if when > now:
+                    soonest = min(soonest, when)
+                elif queue_id in queued:
                     continue
-                if self._closing:
-                    break  # durable on disk; the next start picks it up
-                self._busy[task] = env.queue_id
-                inner = asyncio.ensure_future(self._deliver_one(env, message, session))
-                self._inflight[task] = inner
-                try:
-                    session = await asyncio.shield(inner)
-                finally:
-                    self._busy.pop(task, None)
-                    self._inflight.pop(task, None)
-        finally:
-            if session is not None:
-                session.client.close()
+                elif len(due) < room:
+                    due.append(queue_id)
+                else:
+                    more = True
+            return _Scan(due, more, count, oldest, soonest)
 
-    async def _deliver_one(
-        self, env: Envelope, message: bytes | None, session: Session | None
-    ) -> Session | None:
-        if message is not None:
-            self._in_memory -= len(message)
-        else:
-            loaded = await self._load(env)
-            if loaded is None:
-                return session
-            env, message = loaded
-        try:
-            return await self._attempt(env, message, session)
-        except SpoolError as exc:
-            # Could not record the outcome; the entry stays where it was and is retried later.
-            log.error("queue_file_write_error", queue_id=env.queue_id, reason=exc.reply)
-            self._schedule(env.queue_id, self.settings.min_backoff)
-            return session
-        except Exception as exc:
-            # A bug must not turn into endless immediate retries: record it as a deferral, so
-            # that attempts are counted, backoff applies and the queue lifetime still ends it.
-            log.exception("delivery_crashed", queue_id=env.queue_id)
-            reason = f"internal error during delivery ({type(exc).__name__}), see delivery_crashed"
-            results = [
-                RecipientResult(r, Outcome.DEFERRED, "4.3.0", reason) for r in env.recipients
-            ]
-            try:
-                await self._record(env, message, results, "none")
-            except Exception:
-                log.exception("delivery_crashed", queue_id=env.queue_id, stage="record")
-                self._schedule(env.queue_id, self.settings.max_backoff)
-            return None
-
-    async def _load(self, stub: Envelope) -> tuple[Envelope, bytes] | None:
-        queue_id = stub.queue_id
-        state = "deferred" if stub.state == "placeholder" else stub.state
-        for candidate in (state, "incoming", "deferred"):
-            try:
-                return await self.spool.read_async(candidate, queue_id)
-            except FileNotFoundError:
-                continue
-            except CorruptEntry as exc:
-                log.error("corrupt_queue_file", queue_id=queue_id, state=candidate, reason=str(exc))
-                self.spool.quarantine(candidate, queue_id)
-                break
-        # Deleted or put on hold by the operator since it was scheduled.
-        self._forget(queue_id)
-        return None
-
-    def _forget(self, queue_id: str) -> None:
-        self._known.discard(queue_id)
-        self.arrivals.pop(queue_id, None)
-
-    async def _attempt(
-        self, env: Envelope, message: bytes, session: Session | None
-    ) -> Session | None:
-        pending = list(env.recipients)
-        results: list[RecipientResult] = []
-        relay = "none"
-        if self._suspend_reason is not None and time.monotonic() < self._suspended_until:
-            reason = self._suspend_reason
-            results = [
-                RecipientResult(
-                    r,
-                    Outcome.DEFERRED,
-                    reason.status,
-                    f"delivery temporarily suspended: {reason.text}",
-                )
-                for r in pending
-            ]
-        else:
-            reused = session is not None and session.client.is_connected
-            for attempt in (1, 2):
-                try:
-                    if session is None or not session.client.is_connected:
-                        reused = False
-                        session = await self.upstream.open()
-                    relay = session.relay
-                    results = await self.upstream.transaction(
-                        session,
-                        env.sender,
-                        pending,
-                        message,
-                        smtputf8=env.smtputf8,
-                        eightbit=env.eightbit,
-                    )
-                    self._suspend_reason = None
-                    break
-                except DeliveryError as exc:
-                    session = None
-                    if reused and attempt == 1 and exc.kind == "connection":
-                        # The upstream closed an idle cached connection; try a fresh one once.
-                        continue
-                    self._connection_failed(exc)
-                    results = [
-                        RecipientResult(
-                            r,
-                            Outcome.BOUNCED if exc.permanent else Outcome.DEFERRED,
-                            exc.status,
-                            exc.text,
-                        )
-                        for r in pending
-                    ]
-                    break
-        await self._record(env, message, results, relay)
-        return session
-
-    def _connection_failed(self, exc: DeliveryError) -> None:
-        self.metrics.upstream_errors.labels(kind=str(exc.kind)).inc()
-        if exc.kind in ("dns", "tcp", "greeting", "tls", "auth"):
-            # Like qmgr's dead-destination marking: do not hammer a broken upstream with every
-            # queued message; they are deferred with the same reason until it is retried.
-            self._suspend_reason = exc
-            self._suspended_until = time.monotonic() + min(60.0, self.settings.min_backoff)
-
-    async def _record(
-        self, env: Envelope, message: bytes, results: list[RecipientResult], relay: str
-    ) -> None:
-        now = time.time()
-        delay = round(now - env.arrival, 2)
-        still: list[RecipientResult] = []
-        bounced: list[RecipientResult] = []
-        for res in results:
-            if res.outcome is Outcome.SENT:
-                env.delivered.append(res.recipient)
-                self.metrics.delivered.inc()
-                _log_result(env, res, relay, delay)
-            elif res.outcome is Outcome.BOUNCED:
-                bounced.append(res)
-            else:
-                still.append(res)
-        if still and now - env.arrival >= self.settings.queue_lifetime:
-            for res in still:
-                bounced.append(
-                    RecipientResult(
-                        res.recipient,
-                        Outcome.BOUNCED,
-                        res.dsn,
-                        f"message delivery time expired; last error: {res.reply}",
-                    )
-                )
-            still = []
-        for res in bounced:
-            self.metrics.bounced.inc()
-            _log_result(env, res, relay, delay)
-        if bounced:
-            await self._bounce(env, message, bounced, relay)
-        if still:
-            env.attempts += 1
-            wait = retry_delay(env.attempts, self.settings.min_backoff, self.settings.max_backoff)
-            env.recipients = [r.recipient for r in still]
-            env.next_attempt = now + wait
-            env.last_error = still[0].reply
-            if not self.spool.path(env.state, env.queue_id).exists():
-                # Held or deleted by the operator during this attempt: record the outcome in
-                # the held copy, or not at all, but never resurrect it in deferred/.
-                where = "deleted"
-                if self.spool.path("hold", env.queue_id).exists():
-                    where = env.state = "hold"
-                    await self.spool.rewrite(env, message, "hold")
-                log.info("operator_moved_during_delivery", queue_id=env.queue_id, now=where)
-                self._forget(env.queue_id)
-                return
-            await self.spool.rewrite(env, message, "deferred")
-            for res in still:
-                self.metrics.deferred.inc()
-                _log_result(env, res, relay, delay, next_attempt_in=round(wait))
-            if self.handoff is not None:
-                self.handoff(env)
-                self._forget(env.queue_id)
-            else:
-                self._schedule(env.queue_id, wait)
-        else:
-            self.metrics.latency.observe(now - env.arrival)
-            self._remove(env, 0.0)
-
-    def _remove(self, env: Envelope, waited: float) -> None:
-        """Unlink a finished entry.  When the spool refuses (read-only, I/O error), retry only
-        the unlink: the message must not be delivered again and again by this process.  It
-        stays in ``_known`` meanwhile so that ``flush`` does not pick it up; a restart before
-        the unlink succeeds re-delivers it (the documented at-least-once window)."""
-        try:
-            self.spool.remove(env)
-        except OSError as exc:
-            if not waited:
-                log.error(
-                    "queue_file_remove_failed",
-                    queue_id=env.queue_id,
-                    reason=exc.strerror or str(exc),
-                    note="delivered; retrying the unlink only",
-                )
-            self.arrivals.pop(env.queue_id, None)
-            if not self._closing:
-                wait = min(max(0.5, waited * 2), max(0.5, self.settings.max_backoff))
-                asyncio.get_running_loop().call_later(wait, self._remove, env, wait)
-            return
-        self._forget(env.queue_id)
-        log.info("removed", queue_id=env.queue_id)
-
-    async def _bounce(
-        self, env: Envelope, message: bytes, bounced: list[RecipientResult], relay: str
-    ) -> None:
-        if env.sender == "":
-            # RFC 5321 6.1: never bounce a bounce; Postfix logs and drops it the same way.
-            log.info("bounce_suppressed", queue_id=env.queue_id, reason="null sender")
-            return
-        bounce_id = self.spool.new_id()
-        now = datetime.now(UTC)
-        remote = None if relay == "none" else relay.split("[", 1)[0]
-        body = build_bounce(
-            hostname=self.settings.hostname,
-            queue_id=env.queue_id,
-            bounce_queue_id=bounce_id,
-            sender=env.sender,
-            recipients=[FailedRecipient(r.recipient, r.dsn, r.reply, remote) for r in bounced],
-            original_headers=header_block(message),
-            arrival=datetime.fromtimestamp(env.arrival, UTC),
-            now=now,
-        )
-        wire = dot_stuff(body)
-        notice = Envelope(
-            queue_id=bounce_id,
-            sender="",
-            recipients=[env.sender],
-            arrival=time.time(),
-            client="localhost",
-            smtputf8=env.smtputf8 and not env.sender.isascii(),
-            eightbit=not wire.isascii(),
-        )
-        await self.spool.store(notice, [wire])
-        log.info("bounce_queued", queue_id=env.queue_id, bounce_id=bounce_id, to=f"<{env.sender}>")
-        self.submit(notice, wire)
-
-
-def _log_result(
-    env: Envelope, res: RecipientResult, relay: str, delay: float, **extra: object
-) -> None:
-    """The Postfix-style delivery line: ``event=sent|deferred|bounced … status=X (reply)``."""
-    outcome = res.outcome.value
-    log.info(
-        outcome,
-        queue_id=env.queue_id,
-        to=f"<{res.recipient}>",
-        relay=relay,
-        delay=delay,
-        dsn=res.dsn,
-        status=f"{outcome} ({res.reply})",
-        **extra,
-    )
-
-
-class _Placeholder:
-    """A due deferred entry; its envelope is read from disk by the worker."""
-
-    @staticmethod
-    def envelope(queue_id: str) -> Envelope:
-        return Envelope(
-            queue_id=queue_id, sender="", recipients=[], arrival=0.0, state="placeholder"
-        )
+        result = await self.spool.run(scan)
+        assert isinstance(result, _Scan)
+        if not self._scans and result.count:
+            log.info("queue_recovered", messages=result.count, due=len(result.due))
+        self._scans += 1
+        self._deferred_count = result.count
+        self._deferred_delta = 0
+        self._oldest = result.oldest
+        self._soonest = result.soonest
+        self._more = result.more
+        self._enqueue(result.due, "deferred")

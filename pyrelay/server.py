@@ -6,28 +6,27 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 import types
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 from aiosmtpd.smtp import Session as SMTPSession
 
+from pyrelay.cleanup import Cleanup, Sender
 from pyrelay.config import Settings
-from pyrelay.errors import SpoolError
+from pyrelay.errors import SMTPReply, SpoolError
 from pyrelay.logging import get_logger
 from pyrelay.metrics import Metrics
 from pyrelay.policy import Policy
-from pyrelay.rewrite import build_received, masquerade_address, rewrite_message
 from pyrelay.spool import Envelope, Spool
-from pyrelay.wire import TERMINATOR, has_bare_eol, normalize_wire
+from pyrelay.wire import TERMINATOR
 
 log = get_logger("pyrelay.server")
 
-READ_CHUNK = 256 * 1024
+# Small enough that 200 sessions in DATA stay within a container's memory limit.
+READ_CHUNK = 64 * 1024
 # Commands and header lines are short; the stream buffer may hold a whole DATA chunk.  A
 # larger limit also stops StreamReader from pausing the socket every 2 KB (its flow control
 # threshold is twice the limit), which was a large part of aiosmtpd's DATA cost.
@@ -301,15 +300,8 @@ class RelaySMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self._idle.clear()
         try:
-            content = await self._read_data()
-            if content is None:
-                await self.push("552 5.3.4 Message size exceeds fixed limit")
-                self.listener.rejected(
-                    self.session, "size", "552 5.3.4 Message size exceeds fixed limit"
-                )
-            else:
-                reply = await self.listener.accept(self.session, self.envelope, content)
-                await self.push(reply)
+            reply = await self.listener.receive(self.session, self.envelope, self._read_data)
+            await self.push(reply)
         finally:
             self._idle.set()
             self._set_post_data_state()  # type: ignore[no-untyped-call]
@@ -317,40 +309,36 @@ class RelaySMTP(SMTP):
             await self.push("421 4.3.2 Service shutting down, closing transmission channel")
             self.transport.close()
 
-    async def _read_data(self) -> bytes | None:
-        """Read up to ``<CR><LF>.<CR><LF>`` in large chunks; return the payload in wire form
-        (still dot-stuffed, ending in CRLF), or ``None`` if it exceeded the size limit."""
+    async def _read_data(self, cleanup: Cleanup) -> None:
+        """Feed the DATA payload to ``cleanup`` in chunks as it arrives, up to
+        ``<CR><LF>.<CR><LF>``: wire form (still dot-stuffed, ending in CRLF).  Only the last
+        few bytes are held back, to find a terminator split between two reads."""
         reader = self._reader
-        limit = self.listener.settings.message_size_limit
-        # The leading CRLF lets one search also find a terminator at the very start.
-        buf = bytearray(b"\r\n")
-        search_from = 0
-        too_big = False
+        keep = len(TERMINATOR) - 1
+        # The leading CRLF (not part of the message) lets one search also find a terminator
+        # at the very start.
+        pending = b"\r\n"
+        skip = 2
         while True:
             chunk = await reader.read(READ_CHUNK)
             if not chunk:
                 raise ConnectionResetError("connection closed during DATA")
             self._reset_timeout()
-            buf += chunk
-            idx = buf.find(TERMINATOR, search_from)
+            pending += chunk
+            idx = pending.find(TERMINATOR)
             if idx >= 0:
                 break
-            search_from = max(0, len(buf) - len(TERMINATOR) + 1)
-            if limit and len(buf) > limit + 1024:
-                # Keep reading to the terminator (RFC 5321 4.2.5) but not keeping the data.
-                too_big = True
-                del buf[: -(len(TERMINATOR) - 1)]
-                search_from = 0
-        rest = buf[idx + len(TERMINATOR) :]
+            if len(pending) - keep > skip:
+                await cleanup.feed(pending[skip:-keep])
+                pending = pending[-keep:]
+                skip = 0
+        if idx + 2 > skip:
+            await cleanup.feed(pending[skip : idx + 2])
+        rest = pending[idx + len(TERMINATOR) :]
         if rest:
-            # Pipelined commands after the terminator belong to the command reader.
+            # Pipelined commands after the terminator belong to the command reader
+            # (StreamReader internals: guarded by tests/test_library_contracts.py).
             reader._buffer[0:0] = rest  # type: ignore[attr-defined]
-        if too_big:
-            return None
-        content = bytes(memoryview(buf)[2 : idx + 2])
-        if limit and len(content) > limit:
-            return None
-        return content
 
 
 class Listener:
@@ -361,7 +349,7 @@ class Listener:
         settings: Settings,
         spool: Spool,
         metrics: Metrics,
-        submit: Callable[[Envelope, bytes], None],
+        submit: Callable[[Envelope, bytes | None], None],
     ) -> None:
         self.settings = settings
         self.spool = spool
@@ -443,70 +431,54 @@ class Listener:
             fields["to"] = f"<{recipient}>"
         log.info("rejected", reply=reply, **fields)
 
-    async def accept(self, session: SMTPSession, smtp_env: SMTPEnvelope, content: bytes) -> str:
-        """Rewrite, spool durably, hand to the scheduler; return the reply for the client."""
+    async def receive(
+        self,
+        session: SMTPSession,
+        smtp_env: SMTPEnvelope,
+        read: Callable[[Cleanup], Awaitable[None]],
+    ) -> str:
+        """Stream one DATA payload through cleanup into the spool; hand the entry to the
+        scheduler; return the reply for the client (``250`` only once it is durable)."""
         ip = client_ip(session)
-        if has_bare_eol(content):
-            content = normalize_wire(content)
-            log.warning("bare_newline_normalized", client=ip)
-        raw_sender = smtp_env.mail_from or "<>"
-        sender = "" if raw_sender == "<>" else raw_sender
-        masq = self.settings.masquerade_domains
-        if masq and sender:
-            sender = masquerade_address(sender, masq)
-        recipients = list(smtp_env.rcpt_tos)
-        queue_id = self.spool.new_id()
-        now = datetime.now(UTC)
-        # A UTF-8 address without the SMTPUTF8 parameter (clients are lax) still needs SMTPUTF8
-        # upstream: the envelope cannot be sent as ASCII.
-        smtputf8 = bool(smtp_env.smtp_utf8) or not all(a.isascii() for a in (sender, *recipients))
-        received = build_received(
-            helo=session.host_name or "unknown",
-            client_ip=ip,
-            client_host=None,
-            hostname=self.settings.hostname,
-            queue_id=queue_id,
-            recipient=recipients[0] if len(recipients) == 1 else None,
-            protocol=("UTF8SMTP" if smtputf8 else "ESMTP") if session.extended_smtp else "SMTP",
-            now=now,
-        )
-        rewritten = rewrite_message(
-            content,
-            masquerade_domains=masq,
-            received=received,
-            hostname=self.settings.hostname,
-            queue_id=queue_id,
-            now=now,
-        )
-        message = b"".join((rewritten.headers, memoryview(content)[rewritten.body_start :]))
-        env = Envelope(
-            queue_id=queue_id,
-            sender=sender,
-            recipients=recipients,
-            arrival=time.time(),
-            client=ip,
-            smtputf8=smtputf8,
-            eightbit=not message.isascii(),
+        who = Sender(ip, session.host_name or "unknown", bool(session.extended_smtp))
+        cleanup = Cleanup(
+            self.settings,
+            self.spool,
+            who,
+            smtp_env.mail_from or "<>",
+            list(smtp_env.rcpt_tos),
+            bool(smtp_env.smtp_utf8),
         )
         try:
-            await self.spool.store(env, [message])
+            await read(cleanup)
+            accepted = await cleanup.finish()
         except SpoolError as exc:
             self.metrics.rejected.labels(reason="spool").inc()
             log.error(
                 "queue_write_failed", client=ip, reply=exc.reply, reason=str(exc.__cause__ or exc)
             )
             return exc.reply
+        except SMTPReply as exc:
+            reason = "size" if exc.code == 552 else "hops"
+            self.rejected(session, reason, exc.reply)
+            return exc.reply
+        except BaseException:
+            await cleanup.abort()
+            raise
+        if cleanup.normalizer.dirty:
+            log.warning("bare_newline_normalized", queue_id=cleanup.queue_id, client=ip)
+        env = accepted.envelope
         self.metrics.received.inc()
         log.info(
             "queued",
-            queue_id=queue_id,
+            queue_id=env.queue_id,
             client=ip,
-            **{"from": f"<{sender}>"},
-            nrcpt=len(recipients),
-            size=len(message),
+            **{"from": f"<{env.sender}>"},
+            nrcpt=len(env.recipients),
+            size=env.size,
         )
-        self.submit(env, message)
-        return f"250 2.0.0 Ok: queued as {queue_id}"
+        self.submit(env, accepted.payload)
+        return f"250 2.0.0 Ok: queued as {env.queue_id}"
 
     async def stop(self, grace: float) -> None:
         """Stop listening; let sessions in DATA finish within ``grace``; close the rest."""

@@ -1,18 +1,25 @@
-"""Durable on-disk queue.
+"""The durable queue: a state machine on disk, like Postfix's queue directories.
 
-A message's state is the directory its file is in::
+A message's state is the directory its queue file is in::
 
     tmp/        being written; never read back (removed at start-up)
-    incoming/   accepted and fsync'd; waiting for (or in) its first delivery attempt
-    deferred/   waiting for a retry
+    incoming/   accepted and fsync'd; waiting for its first attempt (owned by the worker process
+                whose index ends the queue ID)
+    active/     claimed by a delivery attempt that is running now
+    deferred/   waiting for a retry; the file's mtime is the time of the next attempt (as in
+                Postfix), so the queue runner finds due entries with one stat each
     hold/       parked by the operator until released
     corrupt/    unreadable entries kept for inspection
 
-One file per message: a header line ``PYRELAY1 <n>\\n``, ``n`` bytes of JSON envelope, ``\\n``,
-then the message exactly as it will be sent after ``DATA`` (CRLF line endings, dot-stuffed, no
-terminating ``.``).  Keeping the wire form means a delivery writes the file's bytes as they are.
+Beside them, ``status/<ID>`` holds the mutable part of an entry's envelope (see
+``pyrelay.queuefile``) and ``requests/<ID>`` an operator's ``hold`` or ``delete`` of an entry
+that is in ``active/``, honoured when its attempt ends.
 
-A file appears in ``incoming/`` only by ``rename`` from ``tmp/`` after ``fsync``, and the directory
+Every transition is one ``rename`` (or the final ``unlink``), so an entry is in exactly one state
+at any moment, and a rename that fails with ENOENT tells the loser of a race (a delivery claiming
+an entry, an operator holding it) that someone else moved it first.
+
+A file appears in ``incoming/`` only by ``link`` from ``tmp/`` after ``fsync``, and the directory
 is fsync'd before the client hears ``250``: a crash leaves a complete entry or none.  Concurrent
 sessions share one directory fsync (group commit).
 """
@@ -20,29 +27,51 @@ sessions share one directory fsync (group commit).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import itertools
-import json
-import math
 import os
+import re
 import secrets
+import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pyrelay.errors import SpoolFullError, SpoolWriteError
+from pyrelay.queuefile import (
+    FLAG_8BIT,
+    FLAG_SMTPUTF8,
+    CorruptEntry,
+    Envelope,
+    Header,
+    encode_header,
+    preamble,
+    read_header,
+)
 
-MAGIC = b"PYRELAY1 "
-STATES = ("incoming", "deferred", "hold")
-DIRS = ("tmp", *STATES, "corrupt")
+__all__ = [
+    "CorruptEntry",
+    "Envelope",
+    "EntryWriter",
+    "OpenEntry",
+    "Spool",
+    "SpoolBody",
+    "new_queue_id",
+    "valid_queue_id",
+    "worker_of",
+]
+
+STATES = ("incoming", "active", "deferred", "hold")
+DIRS = ("tmp", *STATES, "corrupt", "status", "requests")
+REQUESTS = ("hold", "delete")
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_QUEUE_ID = re.compile(r"[0-9A-F]{16}\Z")
 Chunk = bytes | bytearray | memoryview
-
 
 _sequence = itertools.count(secrets.randbits(20))
 
@@ -51,9 +80,13 @@ def new_queue_id(worker: int = 0) -> str:
     """16 hex digits: milliseconds (sortable, like Postfix long IDs), a per-process sequence
     number (random start, so a restart does not replay it), and the index of the worker process
     that accepted the message (it owns the entry in incoming/).  Unique within a process unless
-    it makes over a million IDs in one millisecond; ``Spool.store`` refuses to overwrite anyway."""
+    it makes over a million IDs in one millisecond; ``Spool`` refuses to overwrite anyway."""
     seq = next(_sequence) & 0xFFFFF
     return f"{int(time.time() * 1000) & 0xFFFFFFFFFF:010X}{seq:05X}{worker & 15:X}"
+
+
+def valid_queue_id(name: str) -> bool:
+    return _QUEUE_ID.match(name) is not None
 
 
 def worker_of(queue_id: str) -> int:
@@ -64,113 +97,12 @@ def worker_of(queue_id: str) -> int:
         return 0
 
 
-@dataclass(slots=True)
-class Envelope:
-    """What the queue knows about a message besides its content."""
-
-    queue_id: str
-    sender: str
-    recipients: list[str]
-    arrival: float
-    size: int = 0
-    client: str = ""
-    smtputf8: bool = False
-    eightbit: bool = False
-    attempts: int = 0
-    next_attempt: float = 0.0
-    last_error: str = ""
-    delivered: list[str] = field(default_factory=list)
-    state: str = "incoming"
-
-    def to_json(self) -> bytes:
-        # Explicit dict: dataclasses.asdict deep-copies recursively and was visible in profiles.
-        data = {
-            "queue_id": self.queue_id,
-            "sender": self.sender,
-            "recipients": self.recipients,
-            "arrival": self.arrival,
-            "size": self.size,
-            "client": self.client,
-            "smtputf8": self.smtputf8,
-            "eightbit": self.eightbit,
-            "attempts": self.attempts,
-            "next_attempt": self.next_attempt,
-            "last_error": self.last_error,
-            "delivered": self.delivered,
-        }
-        return _ENCODER.encode(data).encode("ascii")
-
-    @classmethod
-    def from_json(cls, raw: bytes, state: str) -> Envelope:
-        data: dict[str, Any] = json.loads(raw)
-        if not isinstance(data, dict):
-            raise ValueError("envelope must be a JSON object")
-        env = cls(**data)
-        # Well-formed JSON of the wrong types must be quarantined here, not crash start-up
-        # (``next_attempt - time.time()``) or loop in delivery.
-        for name, kind in _FIELD_TYPES.items():
-            value = getattr(env, name)
-            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-                raise ValueError(f"{name} has the wrong type")
-        for name in ("recipients", "delivered"):
-            if not all(isinstance(r, str) for r in getattr(env, name)):
-                raise ValueError(f"{name} must be a list of strings")
-        if not (math.isfinite(env.arrival) and math.isfinite(env.next_attempt)):
-            raise ValueError("arrival and next_attempt must be finite")
-        env.state = state
-        return env
-
-
-_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
-    "queue_id": str,
-    "sender": str,
-    "recipients": list,
-    "arrival": (int, float),
-    "size": int,
-    "client": str,
-    "smtputf8": bool,
-    "eightbit": bool,
-    "attempts": int,
-    "next_attempt": (int, float),
-    "last_error": str,
-    "delivered": list,
-}
-
-
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
-
-
-class CorruptEntry(Exception):
-    """A queue file that cannot be parsed."""
-
-
-def encode_header(env: Envelope) -> bytes:
-    body = env.to_json()
-    return MAGIC + str(len(body)).encode() + b"\n" + body + b"\n"
-
-
-def parse_entry(raw: bytes, state: str, queue_id: str) -> tuple[Envelope, int]:
-    """Return the envelope and the offset where the message starts."""
-    if not raw.startswith(MAGIC):
-        raise CorruptEntry("bad magic")
-    nl = raw.find(b"\n", len(MAGIC), len(MAGIC) + 12)
-    if nl < 0 or not raw[len(MAGIC) : nl].isdigit():
-        raise CorruptEntry("bad header line")
-    length = int(raw[len(MAGIC) : nl])
-    start = nl + 1
-    end = start + length
-    if raw[end : end + 1] != b"\n":
-        raise CorruptEntry("truncated envelope")
+def arrival_of(queue_id: str) -> float:
+    """The arrival time encoded in a queue ID (seconds), for queue age without reading it."""
     try:
-        env = Envelope.from_json(raw[start:end], state)
-    except (ValueError, TypeError, RecursionError) as exc:
-        raise CorruptEntry(f"bad envelope: {exc}") from None
-    if env.queue_id != queue_id:
-        raise CorruptEntry("queue id does not match file name")
-    offset = end + 1
-    if len(raw) - offset != env.size:
-        raise CorruptEntry(f"message is {len(raw) - offset} bytes, envelope says {env.size}")
-    return env, offset
+        return int(queue_id[:10], 16) / 1000.0
+    except ValueError:
+        return time.time()
 
 
 class _DirSync:
@@ -201,11 +133,7 @@ class _DirSync:
             target = self._requested
         done = False
         try:
-            fd = os.open(self._path, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(self._path)
             done = True
         finally:
             # On failure nobody is marked covered: each waiter retries (and sees the error).
@@ -216,14 +144,68 @@ class _DirSync:
                 self._cond.notify_all()
 
 
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(slots=True)
+class OpenEntry:
+    """A claimed entry opened for delivery: its envelope (status applied) and the message's
+    place in the file.  The descriptor stays valid across renames."""
+
+    envelope: Envelope
+    fd: int
+    offset: int
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class SpoolBody:
+    """The message of an open entry, read in bounded chunks for delivery (a ``MessageBody``)."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, spool: Spool, entry: OpenEntry) -> None:
+        self.spool = spool
+        self.entry = entry
+
+    @property
+    def size(self) -> int:
+        return self.entry.envelope.size
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        pos = 0
+        size = self.size
+        while pos < size:
+            n = min(self.CHUNK, size - pos)
+            chunk = await self.spool.run(self.spool.read_message, self.entry, pos, n)
+            assert isinstance(chunk, bytes)
+            if not chunk:
+                raise OSError(errno.EIO, "queue file shorter than its envelope says")
+            pos += len(chunk)
+            yield chunk
+
+    async def head(self, limit: int) -> bytes:
+        """The first ``limit`` bytes (the header block, for a bounce)."""
+        data = await self.spool.run(self.spool.read_message, self.entry, 0, min(limit, self.size))
+        assert isinstance(data, bytes)
+        return data
+
+
 class Spool:
     """The queue directories under ``root``."""
 
     def __init__(self, root: Path, *, threads: int = 8, worker: int = 0) -> None:
         self.root = Path(root)
         self.worker = worker
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="spool")
-        self._dirsync = {state: _DirSync(self.root / state) for state in STATES}
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="spool")
+        self._dirsync = {name: _DirSync(self.root / name) for name in (*STATES, "status")}
 
     def new_id(self) -> str:
         return new_queue_id(self.worker)
@@ -233,114 +215,213 @@ class Spool:
 
     def prepare(self) -> None:
         """Create the directories and prove the spool is writable (raises ``OSError``)."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # The queue holds other people's mail: never readable by others, whatever the umask.
+        os.chmod(self.root, 0o700)
         for name in DIRS:
-            (self.root / name).mkdir(parents=True, exist_ok=True, mode=0o700)
+            (self.root / name).mkdir(exist_ok=True, mode=0o700)
         probe_writable(self.root)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        self.executor.shutdown(wait=True)
 
-    # -- writing ---------------------------------------------------------------------------
+    async def run(self, func: functools.partial[object] | object, *args: object) -> object:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, func, *args)  # type: ignore[arg-type]
 
-    def _write_file(
-        self, env: Envelope, chunks: Sequence[Chunk], state: str, *, new: bool = False
-    ) -> None:
-        tmp = self.root / "tmp" / f"{env.queue_id}.{state}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                parts = [encode_header(env), *chunks]
-                total = sum(len(p) for p in parts)
-                written = os.writev(fd, parts)
-                if written != total:
-                    _write_rest(fd, parts, written)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            final = self.path(state, env.queue_id)
-            if new:
-                # link() fails instead of replacing: an ID clash (a clock set back to a time
-                # whose IDs are still queued) must not overwrite an accepted message.
-                os.link(tmp, final)
-                os.unlink(tmp)
-            else:
-                os.rename(tmp, final)
-            try:
-                self._dirsync[state].sync()
-            except OSError:
-                # Not durable, so not accepted: the client is told to retry.
-                final.unlink(missing_ok=True)
-                raise
-        except OSError as exc:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-            if exc.errno in _FULL_ERRNOS:
-                raise SpoolFullError() from exc
-            raise SpoolWriteError() from exc
+    # -- accepting ---------------------------------------------------------------------------
+
+    def writer(self, env: Envelope) -> EntryWriter:
+        """A streaming writer for a new entry in ``incoming/``."""
+        return EntryWriter(self, env)
 
     async def store(self, env: Envelope, chunks: Sequence[Chunk]) -> None:
-        """Write a new entry into ``incoming/`` durably; raise ``SpoolError`` (with its reply)."""
-        env.size = sum(len(c) for c in chunks)
-        env.state = "incoming"
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            self._executor, functools.partial(self._write_file, env, chunks, "incoming", new=True)
-        )
+        """Write a small new entry (a bounce) durably; raise ``SpoolError``."""
+        writer = self.writer(env)
+        for chunk in chunks:
+            await writer.write(chunk)
+        await writer.commit(smtputf8=env.smtputf8, eightbit=env.eightbit)
 
-    async def rewrite(self, env: Envelope, message: bytes, state: str) -> None:
-        """Persist a changed envelope (after an attempt) under ``state``, replacing the old file."""
-        old_state = env.state
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._write_file, env, [message], state)
-        env.state = state
-        if old_state != state:
-            # Losing this unlink in a crash leaves two copies; recovery keeps the later state.
-            self._unlink(old_state, env.queue_id)
-
-    def remove(self, env: Envelope) -> None:
-        """Drop a finished entry.  Not fsync'd: a crash may resurrect it (at-least-once)."""
+    def _link_new(self, tmp: Path, queue_id: str) -> None:
+        """Publish a complete, fsync'd file in ``incoming/`` and make that durable."""
+        final = self.path("incoming", queue_id)
+        # link() fails instead of replacing: an ID clash (a clock set back to a time whose IDs
+        # are still queued) must not overwrite an accepted message.
+        os.link(tmp, final)
+        os.unlink(tmp)
         try:
-            os.unlink(self.path(env.state, env.queue_id))
-        except FileNotFoundError:
-            # The operator held it during its delivery; a release would deliver it twice.
-            if self.path("hold", env.queue_id).exists():
-                self._unlink("hold", env.queue_id)
+            self._dirsync["incoming"].sync()
+        except OSError:
+            # Not durable, so not accepted: the client is told to retry.
+            final.unlink(missing_ok=True)
+            raise
 
-    def _unlink(self, state: str, queue_id: str) -> None:
+    # -- transitions -------------------------------------------------------------------------
+
+    def move(self, queue_id: str, src: str, dst: str) -> bool:
+        """Rename ``src/ID`` to ``dst/ID``; False when it is not in ``src`` (someone else moved
+        it first).  Not fsync'd: losing a move in a crash leaves the entry in its old state,
+        which is always safe to redo."""
         try:
-            os.unlink(self.path(state, queue_id))
+            os.rename(self.path(src, queue_id), self.path(dst, queue_id))
         except FileNotFoundError:
-            pass
+            return False
+        return True
 
-    # -- reading ---------------------------------------------------------------------------
+    def claim(self, queue_id: str, src: str) -> bool:
+        """Take an entry for a delivery attempt (``src`` -> ``active/``)."""
+        return self.move(queue_id, src, "active")
 
-    def read(self, state: str, queue_id: str) -> tuple[Envelope, bytes]:
-        """Envelope and wire-form message of one entry; ``CorruptEntry`` if unparsable."""
-        with open(self.path(state, queue_id), "rb") as f:
-            raw = f.read()
-        env, offset = parse_entry(raw, state, queue_id)
-        return env, raw[offset:]
+    def defer(self, env: Envelope, dst: str = "deferred") -> None:
+        """End an attempt that left recipients pending: persist the status, then move the entry
+        from ``active/`` to ``dst`` with its next attempt time as mtime.  Raises ``OSError``."""
+        src = self.path("active", env.queue_id)
+        if not src.exists():
+            raise FileNotFoundError(errno.ENOENT, "entry vanished from active/", str(src))
+        self.write_status(env)
+        when = env.next_attempt
+        os.utime(src, (when, when))
+        os.rename(src, self.path(dst, env.queue_id))
+        self._dirsync[dst].sync()
+        env.state = dst
 
-    async def read_async(self, state: str, queue_id: str) -> tuple[Envelope, bytes]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.read, state, queue_id)
+    def write_status(self, env: Envelope) -> None:
+        """Durably replace ``status/ID`` (write, fsync, rename, directory fsync)."""
+        tmp = self.root / "tmp" / f"{env.queue_id}.status"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_all(fd, [env.status_json()])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.root / "status" / env.queue_id)
+        self._dirsync["status"].sync()
+
+    def remove(self, queue_id: str, state: str) -> None:
+        """Drop a finished entry.  The entry goes first: a status file without an entry is
+        harmless garbage, an entry without its status would be retried to every recipient.
+        Not fsync'd: a crash may resurrect it (the at-least-once window)."""
+        os.unlink(self.path(state, queue_id))
+        for name in ("status", "requests"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.root / name / queue_id)
+
+    def delete(self, queue_id: str, state: str) -> bool:
+        try:
+            self.remove(queue_id, state)
+        except FileNotFoundError:
+            return False
+        return True
 
     def quarantine(self, state: str, queue_id: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.replace(self.path(state, queue_id), self.root / "corrupt" / queue_id)
+
+    # -- operator requests for entries in delivery ---------------------------------------------
+
+    def request(self, queue_id: str, action: str) -> None:
+        """Record ``hold``/``delete`` for an entry in ``active/`` (durably: the command returns
+        success only once the relay is certain to honour it)."""
+        assert action in REQUESTS
+        tmp = self.root / "tmp" / f"{queue_id}.request"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, action.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.root / "requests" / queue_id)
+        fsync_dir(self.root / "requests")
+
+    def pending_request(self, queue_id: str) -> str | None:
+        try:
+            with open(self.root / "requests" / queue_id, "rb") as f:
+                action = f.read(16).decode("ascii", "replace").strip()
         except FileNotFoundError:
-            pass
+            return None
+        return action if action in REQUESTS else None
+
+    def honour_request(self, queue_id: str, action: str) -> None:
+        """Carry out an operator request for an entry this process holds in ``active/``."""
+        if action == "delete":
+            self.remove(queue_id, "active")
+            return
+        os.rename(self.path("active", queue_id), self.path("hold", queue_id))
+        self.clear_request(queue_id)
+
+    def clear_request(self, queue_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.root / "requests" / queue_id)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def open_entry(self, state: str, queue_id: str) -> OpenEntry:
+        """Open an entry and read its envelope (with the status applied), not its message.
+        ``FileNotFoundError`` if it is gone, ``CorruptEntry`` if unparsable."""
+        path = self.path(state, queue_id)
+        # O_NOFOLLOW and the regular-file check: only ever read our own queue files.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CorruptEntry("not a regular file")
+            header: Header = read_header(fd, queue_id, state)
+            env = header.envelope
+            try:
+                with open(self.root / "status" / queue_id, "rb") as f:
+                    env.apply_status(f.read(1 << 22))
+            except FileNotFoundError:
+                pass
+        except BaseException:
+            os.close(fd)
+            raise
+        return OpenEntry(env, fd, header.offset)
+
+    def read_envelope(self, state: str, queue_id: str) -> Envelope:
+        entry = self.open_entry(state, queue_id)
+        entry.close()
+        return entry.envelope
+
+    def read_message(self, entry: OpenEntry, start: int, length: int) -> bytes:
+        """Up to ``length`` bytes of the message from ``start`` (blocking; use the executor)."""
+        return os.pread(entry.fd, length, entry.offset + start)
+
+    def find(self, queue_id: str) -> str | None:
+        for state in (*STATES, "corrupt"):
+            if self.path(state, queue_id).exists():
+                return state
+        return None
 
     def ids(self, state: str) -> Iterator[str]:
         try:
-            names = os.listdir(self.root / state)
+            it = os.scandir(self.root / state)
         except FileNotFoundError:
             return
-        for name in names:
-            if not name.startswith("."):
-                yield name
+        with it:
+            for entry in it:
+                if valid_queue_id(entry.name):
+                    yield entry.name
+
+    def due(self, now: float, *, everything: bool, horizon: float) -> Iterator[tuple[str, float]]:
+        """``(queue ID, next attempt)`` of every ``deferred/`` entry, one stat each; the caller
+        picks the due ones (``everything``: a flush makes all of them due).  A next attempt
+        further than ``horizon`` ahead comes from a clock that jumped back: due now."""
+        try:
+            it = os.scandir(self.root / "deferred")
+        except FileNotFoundError:
+            return
+        with it:
+            for entry in it:
+                if not valid_queue_id(entry.name):
+                    continue
+                try:
+                    when = entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:
+                    continue
+                if everything or when > now + horizon:
+                    when = now
+                yield entry.name, when
+
+    # -- recovery ----------------------------------------------------------------------------
 
     def clean_tmp(self) -> int:
         """Remove half-written files left by a crash; their clients never got ``250``."""
@@ -353,24 +434,143 @@ class Spool:
                 pass
         return removed
 
-    def find(self, queue_id: str) -> str | None:
-        for state in STATES:
-            if self.path(state, queue_id).exists():
-                return state
-        return None
+    def requeue(self, *, worker: int | None = None) -> int:
+        """Move entries left in ``incoming/`` and ``active/`` (by a previous run, or by the
+        dead worker ``worker``) to ``deferred/``, due now: their mtime is in the past, and the
+        queue runner takes them from there.  Returns how many were moved."""
+        moved = 0
+        for state in ("active", "incoming"):
+            for queue_id in list(self.ids(state)):
+                if worker is not None and worker_of(queue_id) != worker:
+                    continue
+                if state == "incoming" and self.path("deferred", queue_id).exists():
+                    # pyrelay 0.1 could crash between writing deferred/ID and unlinking
+                    # incoming/ID; the deferred copy carries the newer per-recipient state.
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path(state, queue_id))
+                    continue
+                if self.move(queue_id, state, "deferred"):
+                    moved += 1
+        if moved:
+            fsync_dir(self.root / "deferred")
+        return moved
 
-    def move(self, queue_id: str, src: str, dst: str, *, due_now: bool = False) -> bool:
-        """Operator moves (hold/release).  Returns False when the entry is not in ``src``."""
+    def sweep_orphans(self) -> int:
+        """Remove status and request files whose entry is gone (a crash between the unlinks of
+        a finished entry).  Streams the directory: memory does not grow with the queue."""
+        removed = 0
+        for name in ("status", "requests"):
+            for queue_id in list(itertools.islice(self.ids(name), 100_000)):
+                if self.find(queue_id) is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.root / name / queue_id)
+                        removed += 1
+        return removed
+
+
+class EntryWriter:
+    """Streams one new message into ``tmp/`` while it arrives, then publishes it.
+
+    Small messages (the common case) stay in memory until ``commit``, which writes, fsyncs,
+    links and fsyncs the directory in one thread job.  Past ``SPILL`` bytes the file is opened
+    and every further chunk is written as it comes, so memory per session stays bounded.
+    """
+
+    SPILL = 64 * 1024
+
+    def __init__(self, spool: Spool, env: Envelope) -> None:
+        self.spool = spool
+        self.env = env
+        self.tmp = spool.root / "tmp" / f"{env.queue_id}.new"
+        self._head = env.immutable_json()
+        self._buffer: list[Chunk] = []
+        self._buffered = 0
+        self._fd: int | None = None
+        self.size = 0
+        self.failed: OSError | None = None
+        # The whole message when it never spilled: kept for its first delivery attempt.
+        self.payload: bytes | None = None
+
+    async def write(self, chunk: Chunk) -> None:
+        """Append message bytes.  A write error is remembered and reported by ``commit`` (the
+        client still has to send the rest of DATA before it can hear the error)."""
+        if not chunk or self.failed is not None:
+            return
+        self.size += len(chunk)
+        self._buffer.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered >= self.SPILL:
+            parts = self._take()
+            try:
+                await self.spool.run(self._spill, parts)
+            except OSError as exc:
+                self.failed = exc
+
+    def _take(self) -> list[Chunk]:
+        parts, self._buffer, self._buffered = self._buffer, [], 0
+        return parts
+
+    def _spill(self, parts: list[Chunk]) -> None:
+        if self._fd is None:
+            self._fd = os.open(
+                self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+            )
+            parts = [preamble(len(self._head), 0, 0), self._head, b"\n", *parts]
+        _write_all(self._fd, parts)
+
+    async def commit(self, *, smtputf8: bool, eightbit: bool) -> None:
+        """Make the entry durable in ``incoming/``; raise ``SpoolError`` (with its reply)."""
+        env = self.env
+        env.size = self.size
+        env.smtputf8 = smtputf8
+        env.eightbit = eightbit
+        env.state = "incoming"
         try:
-            env, message = self.read(src, queue_id)
-        except FileNotFoundError:
-            return False
-        if due_now:
-            env.next_attempt = 0.0
-        env.state = dst
-        self._write_file(env, [message], dst)
-        self._unlink(src, queue_id)
-        return True
+            if self.failed is not None:
+                raise self.failed
+            await self.spool.run(self._commit, self._take())
+        except OSError as exc:
+            await self.spool.run(self._discard)
+            if exc.errno in _FULL_ERRNOS:
+                raise SpoolFullError() from exc
+            raise SpoolWriteError() from exc
+
+    def _commit(self, parts: list[Chunk]) -> None:
+        flags = (FLAG_SMTPUTF8 if self.env.smtputf8 else 0) | (
+            FLAG_8BIT if self.env.eightbit else 0
+        )
+        if self._fd is None:
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            self._fd = fd
+            payload = parts[0] if len(parts) == 1 else b"".join(parts)
+            self.payload = bytes(payload)
+            _write_all(fd, [encode_header(self.env), payload])
+        else:
+            fd = self._fd
+            _write_all(fd, parts)
+            os.pwrite(fd, preamble(len(self._head), self.size, flags), 0)
+        os.fsync(fd)
+        if self.size > self.SPILL:
+            # The bytes are on disk now; do not let a large message's page cache count
+            # against the container's memory limit.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        self._fd = None
+        os.close(fd)
+        self.spool._link_new(self.tmp, self.env.queue_id)
+
+    def _discard(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(OSError):
+            self.tmp.unlink(missing_ok=True)
+
+    async def abort(self) -> None:
+        """Throw away a message that will not be accepted (too big, refused, connection lost)."""
+        self._take()
+        if self._fd is not None or self.tmp.exists():
+            await self.spool.run(self._discard)
 
 
 def probe_writable(root: Path) -> None:
@@ -385,8 +585,12 @@ def probe_writable(root: Path) -> None:
         probe.unlink(missing_ok=True)
 
 
-def _write_rest(fd: int, parts: Sequence[Chunk], written: int) -> None:
-    """Finish a short ``writev`` (rare: signals, very large writes)."""
+def _write_all(fd: int, parts: Sequence[Chunk]) -> None:
+    """``writev`` and finish a short write (signals, very large writes)."""
+    total = sum(len(p) for p in parts)
+    written = os.writev(fd, parts) if len(parts) <= 512 else 0
+    if written == total:
+        return
     for part in parts:
         view = memoryview(part)
         if written >= len(view):

@@ -2,12 +2,21 @@
 
 Every worker listens on the same addresses (``SO_REUSEPORT``; the kernel spreads connections),
 spools what it accepts and delivers it at once over its own upstream connections.  Ownership
-keeps the queue consistent without locks:
+keeps the queue consistent without locks or messages between processes:
 
 - an ``incoming/`` entry belongs to the worker whose index ends its queue ID;
-- every ``deferred/`` entry belongs to the primary process (index 0): a secondary hands each
-  deferral over through a datagram socket, and the primary alone schedules retries, flushes,
-  recovers at start-up, and adopts a dead worker's ``incoming/`` entries before replacing it.
+- ``deferred/`` belongs to the primary process (index 0): a secondary's deferral is a rename
+  into it, and the primary's queue runner finds it by its mtime like any other; the primary
+  alone retries, flushes, recovers at start-up, and requeues a dead worker's ``incoming/`` and
+  ``active/`` entries before replacing it;
+- every claim is a rename into ``active/``, so two processes can never deliver one entry.
+
+Why secondaries deliver instead of handing each new entry to one queue manager: the first
+attempt of a fresh message then needs no read back from disk and no cross-process message, and
+each process keeps its own upstream connections warm.  A hand-off design needs a socket whose
+input must be validated (0.1 had one: a datagram naming a file outside the spool was delivered)
+and costs a second process wake-up per message; with deferrals found by scanning, the simpler
+design is also the one with nothing to trust.
 
 The first workers are forked before the event loop starts, sharing the imported code with the
 primary (``gc.freeze`` keeps the collector from un-sharing it); a replacement for a worker that
@@ -23,43 +32,16 @@ import ctypes
 import gc
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from pyrelay.config import Settings
 from pyrelay.logging import get_logger
 from pyrelay.scheduler import Scheduler
-from pyrelay.spool import Envelope
 
 log = get_logger("pyrelay.workers")
-
-NOTIFY_SOCKET = "notify.sock"
-RESCAN_INTERVAL = 30.0
-
-
-def notify_path(settings: Settings) -> Path:
-    return settings.spool_dir / NOTIFY_SOCKET
-
-
-class Handoff:
-    """Used by a secondary worker: tell the primary about a newly deferred entry."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.path = str(notify_path(settings))
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-
-    def __call__(self, env: Envelope) -> None:
-        payload = f"{env.queue_id} {env.next_attempt:.3f} {env.arrival:.3f}".encode()
-        try:
-            self.sock.sendto(payload, self.path)
-        except OSError as exc:
-            # The entry is safe in deferred/; the primary's periodic rescan (or the next start)
-            # picks it up.
-            log.warning("handoff_failed", queue_id=env.queue_id, reason=exc.strerror or str(exc))
 
 
 def die_with_parent(parent: int) -> None:
@@ -106,28 +88,11 @@ class WorkerPool:
         self.pidfds: dict[int, int] = {}
         self.started_at: dict[int, float] = {i: time.monotonic() for i in pids}
         self.closing = False
-        self.sock: socket.socket | None = None
-        self._rescan: asyncio.Task[None] | None = None
 
-    @staticmethod
-    def open_notify_socket(settings: Settings) -> socket.socket:
-        """Bind the hand-off socket (before forking, so no hand-off can be lost)."""
-        path = notify_path(settings)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(str(path))
-        sock.setblocking(False)
-        return sock
-
-    async def start(self, sock: socket.socket) -> None:
-        self.sock = sock
-        loop = asyncio.get_running_loop()
-        loop.add_reader(sock.fileno(), self._drain)
+    def start(self) -> None:
         for index, pid in self.pids.items():
             self._watch(index, pid)
             log.info("worker_started", worker=index, pid=pid)
-        self._rescan = asyncio.create_task(self._rescan_deferred())
 
     def _watch(self, index: int, pid: int) -> None:
         fd = os.pidfd_open(pid)
@@ -158,26 +123,12 @@ class WorkerPool:
         self._watch(index, proc.pid)
         log.info("worker_started", worker=index, pid=proc.pid)
 
-    def _drain(self) -> None:
-        assert self.sock is not None
-        while True:
-            try:
-                data = self.sock.recv(512)
-            except OSError:
-                return
-            try:
-                queue_id, next_attempt, arrival = data.decode("ascii").split()
-                self.scheduler.adopt(queue_id, float(next_attempt), float(arrival))
-            except (UnicodeDecodeError, ValueError):
-                log.warning("handoff_garbled", size=len(data))
-
     def _exited(self, index: int) -> None:
         self._unwatch(index)
         code = self._reap(index)
         if self.closing:
             return
         log.error("worker_died", worker=index, pid=self.pids[index], exitcode=code)
-        self._drain()
         adopted = self.scheduler.adopt_orphans(index)
         if adopted:
             log.info("worker_orphans_adopted", worker=index, messages=adopted)
@@ -189,16 +140,8 @@ class WorkerPool:
         if not self.closing:
             self._spawn(index)
 
-    async def _rescan_deferred(self) -> None:
-        # Safety net for a hand-off datagram that never arrived.
-        while True:
-            await asyncio.sleep(RESCAN_INTERVAL)
-            self.scheduler.adopt_unknown_deferred(self.settings.min_backoff)
-
     async def stop(self, grace: float) -> None:
         self.closing = True
-        if self._rescan is not None:
-            self._rescan.cancel()
         for pid in self.pids.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -212,10 +155,3 @@ class WorkerPool:
             self._unwatch(index)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.pids[index], 0)  # noqa: ASYNC222 - just SIGKILLed
-        if self.sock is not None:
-            self._drain()
-            with contextlib.suppress(ValueError, OSError):
-                asyncio.get_running_loop().remove_reader(self.sock.fileno())
-            self.sock.close()
-            with contextlib.suppress(OSError):
-                notify_path(self.settings).unlink()

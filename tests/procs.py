@@ -47,6 +47,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def encode_v1(fields: dict[str, Any]) -> bytes:
+    """A queue file header in pyrelay 0.1's format (``PYRELAY1``): what an upgraded relay finds
+    in its spool.  ``fields`` are the 0.1 envelope's JSON fields."""
+    js = json.dumps(fields).encode()
+    return b"PYRELAY1 " + str(len(js)).encode() + b"\n" + js + b"\n"
+
+
 def make_message(test_id: str, size: int = 0) -> bytes:
     body = b"".join(
         b"line %06d of the test message body padding padding\r\n" % i for i in range(size // 56 + 1)

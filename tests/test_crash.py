@@ -23,7 +23,6 @@ delivered the earlier copy was killed and never logged ``removed`` for that queu
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import threading
@@ -40,12 +39,14 @@ from procs import (
     RelayProc,
     SendResult,
     SinkProc,
+    encode_v1,
     free_port,
     relay_env,
     send_one,
 )
 
-from pyrelay.spool import Envelope, encode_header, new_queue_id
+from pyrelay.queuefile import Envelope, encode_header
+from pyrelay.spool import new_queue_id
 
 STRATEGIES = (
     "random",
@@ -226,7 +227,9 @@ def report(c: Crasher, accepted: dict[str, SendResult], deliveries: list[Deliver
     sent = len(c.results)
     kills = sum(c.kills.values())
     corrupt = _spool_files(c.spool, "corrupt")
-    leftovers = {s: _spool_files(c.spool, s) for s in ("tmp", "incoming", "deferred", "hold")}
+    leftovers = {
+        s: _spool_files(c.spool, s) for s in ("tmp", "incoming", "active", "deferred", "hold")
+    }
     recovered = sum(len(g.named("queue_recovered")) for g in c.gens)
     replies: defaultdict[str, int] = defaultdict(int)
     for r in c.results:
@@ -265,7 +268,7 @@ def test_kill9_soak(tmp_path: Path) -> None:
 # -- corrupt and partial entries at start-up ------------------------------------------------
 
 
-def _entry(state: str, *, next_attempt: float = 0.0, **env_overrides: Any) -> tuple[str, bytes]:
+def _entry(state: str, **env_overrides: Any) -> tuple[str, bytes]:
     qid = new_queue_id()
     body = f"Subject: x\r\nX-Test-Id: {qid}\r\n\r\nhello\r\n".encode()
     env = Envelope(
@@ -274,14 +277,25 @@ def _entry(state: str, *, next_attempt: float = 0.0, **env_overrides: Any) -> tu
         recipients=[RCPT],
         arrival=time.time(),
         size=len(body),
-        next_attempt=next_attempt,
     )
     raw = encode_header(env) + body
     if env_overrides:
-        data = json.loads(env.to_json())
+        data: dict[str, Any] = {
+            "queue_id": qid,
+            "sender": SENDER,
+            "recipients": [RCPT],
+            "arrival": env.arrival,
+            "size": len(body),
+            "client": "",
+            "smtputf8": False,
+            "eightbit": False,
+            "attempts": 0,
+            "next_attempt": 0.0,
+            "last_error": "",
+            "delivered": [],
+        }
         data.update(env_overrides)
-        js = json.dumps(data).encode()
-        raw = b"PYRELAY1 " + str(len(js)).encode() + b"\n" + js + b"\n" + body
+        raw = encode_v1(data) + body
     return qid, raw
 
 

@@ -6,9 +6,12 @@ import asyncio
 from typing import Any
 
 from conftest import MESSAGE, Upstream, wait_until
+from pyrelay.queue_commands import _delete, _hold, _release
 
 
-async def _held_during_attempt(upstream: Upstream, make_relay: Any, reply: str | None) -> Any:
+async def _during_attempt(
+    upstream: Upstream, make_relay: Any, reply: str | None, action: Any = _hold
+) -> Any:
     upstream.state.data_gate = asyncio.Event()
     upstream.state.data_reply = reply
     relay_cm = make_relay(upstream)
@@ -17,14 +20,19 @@ async def _held_during_attempt(upstream: Upstream, make_relay: Any, reply: str |
         await relay.asend("a@example.org", ["b@dest.test"], MESSAGE)
         await asyncio.wait_for(upstream.state.at_data_end.wait(), 10)
         spool = relay.relay.spool
-        (queue_id,) = list(spool.ids("incoming"))
-        assert spool.move(queue_id, "incoming", "hold")  # `pyrelay queue hold ID`
+        # What is being delivered is visible on disk.
+        (queue_id,) = list(spool.ids("active"))
+        assert list(spool.ids("incoming")) == []
+        assert action(spool, queue_id, "active")  # `pyrelay queue hold|delete ID`
         upstream.state.data_gate.set()
-        await wait_until(lambda: relay.relay.scheduler.arrivals == {}, what="attempt recorded")
+        await wait_until(lambda: not list(spool.ids("active")), what="attempt recorded")
         await asyncio.sleep(0.3)
         return spool, queue_id
     finally:
         await relay_cm.__aexit__(None, None, None)
+
+
+_held_during_attempt = _during_attempt
 
 
 async def test_hold_during_a_deferred_attempt_keeps_only_the_held_copy(
@@ -32,8 +40,51 @@ async def test_hold_during_a_deferred_attempt_keeps_only_the_held_copy(
 ) -> None:
     spool, queue_id = await _held_during_attempt(upstream, make_relay, "451 4.3.0 try later")
     assert list(spool.ids("deferred")) == [] and list(spool.ids("incoming")) == []
-    env, _ = spool.read("hold", queue_id)
+    env = spool.read_envelope("hold", queue_id)
     assert env.attempts == 1 and "451" in env.last_error
+    assert not (spool.root / "requests" / queue_id).exists()
+
+
+async def test_delete_during_a_deferred_attempt_removes_it_when_the_attempt_ends(
+    upstream: Upstream, make_relay: Any
+) -> None:
+    spool, queue_id = await _during_attempt(upstream, make_relay, "451 4.3.0 later", _delete)
+    assert spool.find(queue_id) is None
+    assert not (spool.root / "status" / queue_id).exists()
+    assert not (spool.root / "requests" / queue_id).exists()
+
+
+async def test_delete_before_the_attempt_begins_is_never_delivered(
+    upstream: Upstream, make_relay: Any
+) -> None:
+    """A delete that returned success before the attempt claimed the entry wins: the claim
+    (a rename) fails, or the pending request is honoured right after it."""
+    upstream.state.data_reply = "451 4.3.0 later"
+    async with make_relay(upstream, min_backoff="0.5s", max_backoff="0.5s") as relay:
+        await relay.asend("a@example.org", ["b@dest.test"], MESSAGE)
+        spool = relay.relay.spool
+        await wait_until(lambda: bool(list(spool.ids("deferred"))), what="deferral")
+        (queue_id,) = list(spool.ids("deferred"))
+        upstream.state.data_reply = None
+        state = spool.find(queue_id)
+        assert state is not None and _delete(spool, queue_id, state)
+        await asyncio.sleep(1.5)  # well past its retry time
+        assert upstream.state.messages == []
+        assert spool.find(queue_id) is None
+
+
+async def test_release_schedules_the_held_message(upstream: Upstream, make_relay: Any) -> None:
+    upstream.state.data_reply = "451 4.3.0 later"
+    async with make_relay(upstream, min_backoff="60s", max_backoff="60s") as relay:
+        await relay.asend("a@example.org", ["b@dest.test"], MESSAGE)
+        spool = relay.relay.spool
+        await wait_until(lambda: bool(list(spool.ids("deferred"))), what="deferral")
+        (queue_id,) = list(spool.ids("deferred"))
+        assert _hold(spool, queue_id, "deferred")
+        upstream.state.data_reply = None
+        assert _release(spool, queue_id, "hold")
+        relay.relay.scheduler.scan_now()  # what SIGUSR2 from `pyrelay queue release` does
+        await wait_until(lambda: len(upstream.state.messages) == 1, what="released delivery")
 
 
 async def test_hold_during_a_successful_attempt_leaves_nothing_to_release(

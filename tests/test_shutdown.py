@@ -253,7 +253,7 @@ def test_sigterm_under_load(tmp_path: Path) -> None:
 
 def _spooled_test_ids(spool: Path) -> set[str]:
     ids = set()
-    for state in ("incoming", "deferred", "hold"):
+    for state in ("incoming", "active", "deferred", "hold"):
         d = spool / state
         if not d.is_dir():
             continue

@@ -1,7 +1,10 @@
-"""Pure logic of the queue: the entry format, queue IDs, and the retry schedule."""
+"""Pure logic of the queue: the entry format (current and 0.1's), the status file, queue IDs,
+the streaming writer, the state machine's renames, and the retry schedule."""
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from pathlib import Path
 
@@ -9,17 +12,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pyrelay.queuefile import encode_header, parse_header
 from pyrelay.scheduler import retry_delay
 from pyrelay.spool import (
     CorruptEntry,
+    EntryWriter,
     Envelope,
     Spool,
     _DirSync,
-    encode_header,
     new_queue_id,
-    parse_entry,
     worker_of,
 )
+
+
+def parse_entry(raw: bytes, state: str, queue_id: str) -> tuple[Envelope, int]:
+    header = parse_header(raw, queue_id, state, len(raw))
+    return header.envelope, header.offset
 
 
 def _env(queue_id: str = "0123456789ABCDE0", size: int = 0) -> Envelope:
@@ -30,11 +38,29 @@ def _env(queue_id: str = "0123456789ABCDE0", size: int = 0) -> Envelope:
         arrival=1_800_000_000.5,
         size=size,
         client="172.18.0.5",
-        attempts=2,
-        next_attempt=1_800_000_600.0,
-        last_error="451 4.3.0 later",
-        delivered=["d@dest.test"],
+        smtputf8=True,
+        eightbit=True,
     )
+
+
+def encode_v1(env: Envelope) -> bytes:
+    """pyrelay 0.1's queue file header: every field, mutable ones included, in one JSON line."""
+    data = {
+        "queue_id": env.queue_id,
+        "sender": env.sender,
+        "recipients": env.recipients,
+        "arrival": env.arrival,
+        "size": env.size,
+        "client": env.client,
+        "smtputf8": env.smtputf8,
+        "eightbit": env.eightbit,
+        "attempts": env.attempts,
+        "next_attempt": env.next_attempt,
+        "last_error": env.last_error,
+        "delivered": env.delivered,
+    }
+    body = json.dumps(data, separators=(",", ":")).encode()
+    return b"PYRELAY1 " + str(len(body)).encode() + b"\n" + body + b"\n"
 
 
 @given(st.binary(max_size=2000))
@@ -44,13 +70,45 @@ def test_entry_round_trips_any_message_bytes(message: bytes) -> None:
     raw = encode_header(env) + message
     parsed, offset = parse_entry(raw, "deferred", env.queue_id)
     assert raw[offset:] == message
-    assert parsed.recipients == env.recipients and parsed.delivered == env.delivered
-    assert (parsed.arrival, parsed.next_attempt, parsed.attempts) == (
+    assert parsed.recipients == env.recipients and parsed.sender == env.sender
+    assert (parsed.arrival, parsed.size, parsed.smtputf8, parsed.eightbit) == (
         env.arrival,
-        env.next_attempt,
-        env.attempts,
+        len(message),
+        True,
+        True,
     )
     assert parsed.state == "deferred"
+
+
+def test_previous_format_is_read() -> None:
+    env = _env(size=5)
+    env.attempts, env.next_attempt, env.last_error = 3, 1_800_000_600.0, "451 4.3.0 later"
+    env.delivered = ["d@dest.test"]
+    parsed, offset = parse_entry(encode_v1(env) + b"hello", "deferred", env.queue_id)
+    assert (parsed.attempts, parsed.last_error, parsed.delivered) == (
+        3,
+        "451 4.3.0 later",
+        ["d@dest.test"],
+    )
+    assert parsed.size == 5
+
+
+def test_status_overlays_the_mutable_fields() -> None:
+    env = _env()
+    env.recipients = ["c@dest.test"]
+    env.attempts, env.next_attempt, env.last_error = 2, 1_800_000_900.0, "451 x"
+    env.delivered = ["b@dest.test"]
+    fresh = _env()
+    fresh.apply_status(env.status_json())
+    assert (fresh.recipients, fresh.attempts, fresh.next_attempt, fresh.delivered) == (
+        ["c@dest.test"],
+        2,
+        1_800_000_900.0,
+        ["b@dest.test"],
+    )
+    for bad in (b"", b"[]", b'{"v":2}', b'{"v":1,"recipients":[1],"attempts":0}'):
+        with pytest.raises(CorruptEntry):
+            _env().apply_status(bad)
 
 
 @pytest.mark.parametrize(
@@ -60,7 +118,8 @@ def test_entry_round_trips_any_message_bytes(message: bytes) -> None:
         lambda raw: raw + b"x",  # trailing garbage
         lambda raw: raw[:20],  # truncated envelope
         lambda raw: b"XXXX" + raw[4:],  # bad magic
-        lambda raw: raw.replace(b'"attempts":2', b'"attempts":"2"'),  # wrong type
+        lambda raw: raw.replace(b'"client":"172.18.0.5"', b'"client":5'),  # wrong type
+        lambda raw: raw.replace(b"PYRELAY2 000", b"PYRELAY2 999"),  # envelope length
         lambda raw: b"",
     ],
 )
@@ -114,25 +173,70 @@ def test_directory_fsync_is_shared_and_every_writer_covered(tmp_path: Path) -> N
     assert sync._requested == 160
 
 
-async def test_store_read_move_remove(tmp_path: Path) -> None:
+async def test_store_open_move_remove(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", worker=1)
     spool.prepare()
     env = Envelope(queue_id=spool.new_id(), sender="", recipients=["x@dest.test"], arrival=1.0)
     await spool.store(env, [b"Subject: a\r\n\r\n", memoryview(b"body\r\n")])
     assert worker_of(env.queue_id) == 1
-    got, message = spool.read("incoming", env.queue_id)
-    assert message == b"Subject: a\r\n\r\nbody\r\n" and got.size == len(message)
-    assert spool.move(env.queue_id, "incoming", "hold")
-    assert spool.find(env.queue_id) == "hold"
-    assert not spool.move(env.queue_id, "incoming", "hold")
-    env.state = "hold"
-    spool.remove(env)
+    entry = spool.open_entry("incoming", env.queue_id)
+    assert spool.read_message(entry, 0, 100) == b"Subject: a\r\n\r\nbody\r\n"
+    entry.close()
+    assert spool.claim(env.queue_id, "incoming")
+    assert not spool.claim(env.queue_id, "incoming")  # the loser of a race sees ENOENT
+    assert spool.find(env.queue_id) == "active"
+    env.next_attempt = 12345.0
+    env.recipients = []
+    spool.defer(env)
+    assert spool.find(env.queue_id) == "deferred"
+    assert os.stat(spool.path("deferred", env.queue_id)).st_mtime == 12345.0
+    assert spool.read_envelope("deferred", env.queue_id).recipients == []
+    spool.remove(env.queue_id, "deferred")
     assert spool.find(env.queue_id) is None
-    assert list((tmp_path / "spool" / "tmp").iterdir()) == []
+    assert not (spool.root / "status" / env.queue_id).exists()
     spool.close()
 
 
-async def test_store_never_overwrites_a_queued_entry(tmp_path: Path) -> None:
+async def test_streaming_writer_spills_and_publishes(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    env = Envelope(queue_id=spool.new_id(), sender="a@b.c", recipients=["x@dest.test"], arrival=1.0)
+    writer = spool.writer(env)
+    chunk = b"x" * 1000 + b"\r\n"
+    for _ in range(200):
+        await writer.write(chunk)
+    assert writer._fd is not None  # spilled to tmp/ long before the end
+    assert not spool.path("incoming", env.queue_id).exists()
+    await writer.commit(smtputf8=False, eightbit=True)
+    assert writer.payload is None
+    entry = spool.open_entry("incoming", env.queue_id)
+    assert entry.envelope.size == 200 * len(chunk) and entry.envelope.eightbit
+    assert spool.read_message(entry, 0, len(chunk)) == chunk
+    entry.close()
+    assert os.listdir(spool.root / "tmp") == []
+    aborted = spool.writer(Envelope(spool.new_id(), "", ["x@dest.test"], 1.0))
+    for _ in range(200):
+        await aborted.write(chunk)
+    await aborted.abort()
+    assert os.listdir(spool.root / "tmp") == []
+    spool.close()
+    assert EntryWriter.SPILL <= 64 * 1024
+
+
+def test_spool_root_and_dirs_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        spool = Spool(tmp_path / "spool")
+        spool.prepare()
+    finally:
+        os.umask(old)
+    assert (spool.root.stat().st_mode & 0o777) == 0o700
+    for name in ("incoming", "active", "deferred", "status", "requests"):
+        assert ((spool.root / name).stat().st_mode & 0o777) == 0o700
+    spool.close()
+
+
+async def test_store_never_overwrites_an_entry(tmp_path: Path) -> None:
     from pyrelay.errors import SpoolWriteError
 
     spool = Spool(tmp_path / "spool")
@@ -142,7 +246,8 @@ async def test_store_never_overwrites_a_queued_entry(tmp_path: Path) -> None:
     clash = Envelope(queue_id=first.queue_id, sender="", recipients=["y@dest.test"], arrival=2.0)
     with pytest.raises(SpoolWriteError):
         await spool.store(clash, [b"second\r\n"])
-    env, message = spool.read("incoming", first.queue_id)
-    assert message == b"first\r\n" and env.recipients == ["x@dest.test"]
-    assert list((tmp_path / "spool" / "tmp").iterdir()) == []
+    entry = spool.open_entry("incoming", first.queue_id)
+    assert entry.envelope.recipients == ["x@dest.test"]
+    assert spool.read_message(entry, 0, 100) == b"first\r\n"
+    entry.close()
     spool.close()

@@ -471,23 +471,27 @@ async def test_unencodable_addresses_bounce_instead_of_crashing(
     """Queue entries the listener no longer accepts (control characters; UTF-8 without SMTPUTF8)
     must still leave the queue: bounced per recipient, never an endless crash loop."""
     from conftest import relay_settings
-    from pyrelay.delivery import Outcome, Upstream
+    from pyrelay.delivery import InMemoryBody, Outcome, Upstream
 
     up = await fault()
     upstream = Upstream(relay_settings(tmp_path, None, ca_file, relayhost=up.relayhost, **FAST))
     session = await upstream.open()
     try:
         rcpts = ['"a\x01b"@dest.test', "\u00fc@dest.test", "ok@dest.test"]
-        results = await upstream.transaction(session, "a@example.org", rcpts, MESSAGE)
+        results = await upstream.transaction(session, "a@example.org", rcpts, InMemoryBody(MESSAGE))
         assert [(r.outcome, r.dsn) for r in results] == [
             (Outcome.BOUNCED, "5.1.3"),
             (Outcome.BOUNCED, "5.1.3"),
             (Outcome.SENT, "2.0.0"),
         ]
-        results = await upstream.transaction(session, "a\x7f@example.org", rcpts[2:], MESSAGE)
+        results = await upstream.transaction(
+            session, "a\x7f@example.org", rcpts[2:], InMemoryBody(MESSAGE)
+        )
         assert [(r.outcome, r.dsn) for r in results] == [(Outcome.BOUNCED, "5.1.7")]
         # The session is still in step after both.
-        results = await upstream.transaction(session, "a@example.org", rcpts[2:], MESSAGE)
+        results = await upstream.transaction(
+            session, "a@example.org", rcpts[2:], InMemoryBody(MESSAGE)
+        )
         assert [r.outcome for r in results] == [Outcome.SENT]
     finally:
         await upstream.close(session)

@@ -141,7 +141,11 @@ async def test_a_killed_worker_is_replaced_and_its_messages_delivered(
         return {r for m in upstream.state.messages for r in m.rcpt_tos}
 
     def queued() -> list[str]:
-        return [p.name for d in ("incoming", "deferred") for p in (workers2.spool / d).iterdir()]
+        return [
+            p.name
+            for d in ("incoming", "active", "deferred")
+            for p in (workers2.spool / d).iterdir()
+        ]
 
     await wait_until(lambda: len(delivered()) == 20, timeout=20, what="every message delivered")
     await wait_until(lambda: queued() == [], what="queue empty")
