@@ -463,7 +463,6 @@ class Listener:
         received = build_received(
             helo=session.host_name or "unknown",
             client_ip=ip,
-            client_host=None,
             hostname=self.settings.hostname,
             queue_id=queue_id,
             recipient=recipients[0] if len(recipients) == 1 else None,
