@@ -26,11 +26,12 @@ ENV PATH="/opt/venv/bin:${PATH}"
 
 WORKDIR /src
 # README.md is the package's long description (pyproject.toml `readme`).
-COPY pyproject.toml README.md ./
+# constraints.txt locks every dependency to the versions tested (as .ci/run does).
+COPY pyproject.toml README.md constraints.txt ./
 COPY pyrelay ./pyrelay
 # pip and setuptools are only needed to install; dropping them from the venv
 # keeps them (and their CVEs) out of the runtime image.
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir -c constraints.txt . \
     && python -m pip uninstall --yes pip setuptools
 
 # ---------------------------------------------------------------------------

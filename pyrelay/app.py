@@ -12,6 +12,7 @@ from typing import Any
 
 from pyrelay import __version__
 from pyrelay.config import Settings, known_env_names
+from pyrelay.constants import PID_FILE
 from pyrelay.errors import ConfigError
 from pyrelay.logging import get_logger
 from pyrelay.metrics import Metrics, enable_multiprocess
@@ -21,8 +22,6 @@ from pyrelay.spool import Spool
 from pyrelay.workers import WorkerPool, fork_workers
 
 log = get_logger("pyrelay")
-
-PID_FILE = "pyrelay.pid"
 
 
 class Relay:

@@ -81,7 +81,6 @@ class Cleanup:
         self.received = build_received(
             helo=who.helo or "unknown",
             client_ip=who.client_ip,
-            client_host=None,
             hostname=settings.hostname,
             queue_id=queue_id,
             recipient=recipients[0] if len(recipients) == 1 else None,

@@ -11,12 +11,9 @@ from collections.abc import Sequence
 
 from pyrelay import __version__
 from pyrelay.config import Settings, load_settings
+from pyrelay.constants import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from pyrelay.errors import ConfigError
 from pyrelay.logging import configure_logging
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 
 
 def _settings() -> Settings:

@@ -1,8 +1,10 @@
 """Settings from the environment (and an optional ``.env`` file).
 
 Names from the Postfix container (boky/postfix) keep their names; pyrelay's own settings use the
-``PYRELAY_`` prefix.  Validation only: nothing here opens sockets or touches the spool, so a
-``Settings`` object is cheap to build in tests.
+``PYRELAY_`` prefix.  Building ``Settings`` parses and validates, and does the little I/O that
+needs: it reads the ``.env`` file and the ``*_FILE`` secrets, and resolves the system host name
+(``socket.getfqdn()``, which may query DNS) when ``PYRELAY_HOSTNAME`` is unset.  It never binds
+sockets, connects upstream or touches the spool.
 """
 
 from __future__ import annotations

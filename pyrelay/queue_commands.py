@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pyrelay.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
-from pyrelay.commands import Subparsers, add_command, add_json_flag, error, print_json
+from pyrelay.cmdutil import Subparsers, add_command, add_json_flag, error, print_json
 from pyrelay.config import load_settings
+from pyrelay.constants import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, pid_file
 
 if TYPE_CHECKING:
     from pyrelay.spool import Envelope, OpenEntry, Spool
@@ -281,9 +281,7 @@ def _write_message(spool: Spool, entry: OpenEntry) -> None:
 
 def _relay_pid(spool_dir: Path) -> tuple[int | None, str]:
     """The running relay's pid, or None and why not."""
-    from pyrelay.app import PID_FILE
-
-    path = spool_dir / PID_FILE
+    path = pid_file(spool_dir)
     try:
         pid = int(path.read_text().strip())
     except FileNotFoundError:

@@ -17,7 +17,6 @@ __all__ = [
     "Rewritten",
     "build_received",
     "masquerade_address",
-    "parse_masquerade_domains",
     "rewrite_message",
 ]
 
@@ -38,53 +37,10 @@ MASQUERADE_HEADERS: frozenset[str] = frozenset(
 
 _CRLF = b"\r\n"
 
-# Postfix allows underscores in hostnames, and so do real-world mail domains.
-_LABEL_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
-_LIST_SPLIT_RE = re.compile(r"[,\s]+")
-
 
 # --------------------------------------------------------------------------------------------
 # masquerade_domains
 # --------------------------------------------------------------------------------------------
-
-
-def _normalise_domain(raw: str) -> str:
-    domain = raw.lower()
-    if domain.endswith("."):
-        domain = domain[:-1]
-    if not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError as exc:
-            raise ValueError(f"invalid masquerade domain {raw!r}: {exc}") from None
-    if not domain or len(domain) > 253:
-        raise ValueError(f"invalid masquerade domain {raw!r}: empty or longer than 253 octets")
-    for label in domain.split("."):
-        if not _LABEL_RE.fullmatch(label):
-            raise ValueError(
-                f"invalid masquerade domain {raw!r}: bad label {label!r} "
-                "(labels are 1-63 letters, digits, '-' or '_', not starting or ending with '-')"
-            )
-    return domain
-
-
-def parse_masquerade_domains(value: str) -> tuple[str, ...]:
-    """Parse a Postfix-style ``masquerade_domains`` list into normalised entries.
-
-    Entries keep a leading ``!`` (exclusion); they are lowercased and IDNA-encoded so that
-    matching at relay time is a plain string comparison.
-    """
-    result: list[str] = []
-    for entry in _LIST_SPLIT_RE.split(value):
-        if not entry:
-            continue
-        negate = entry.startswith("!")
-        domain = entry[1:] if negate else entry
-        if domain.startswith("."):
-            domain = domain[1:]
-        normalised = _normalise_domain(domain)
-        result.append("!" + normalised if negate else normalised)
-    return tuple(result)
 
 
 _ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
@@ -489,7 +445,6 @@ def build_received(
     *,
     helo: str,
     client_ip: str,
-    client_host: str | None,
     hostname: str,
     queue_id: str,
     recipient: str | None,
@@ -498,19 +453,19 @@ def build_received(
 ) -> bytes:
     """Build a Postfix-style folded ``Received:`` field, CRLF-terminated.
 
-    HELO, reverse-DNS name and recipient are peer-controlled, so they are stripped of anything
-    that could end the line; non-ASCII survives only in SMTPUTF8 sessions.
+    HELO and recipient are peer-controlled, so they are stripped of anything that could end the
+    line; non-ASCII survives only in SMTPUTF8 sessions.  pyrelay does no reverse DNS lookup, so
+    the client's name is ``unknown``, as Postfix writes it for a client without a verified name.
     """
     utf8 = protocol.upper().startswith("UTF8")
     helo_text = _sanitise(helo, utf8=utf8, limit=255).strip() or "unknown"
-    host_text = _sanitise(client_host or "", utf8=utf8, limit=255).strip() or "unknown"
     ip_text = _sanitise(client_ip, utf8=False, limit=64).strip()
     if ":" in ip_text and not ip_text.lower().startswith("ipv6:"):
         ip_text = "IPv6:" + ip_text
     proto_text = _sanitise(protocol, utf8=False, limit=32).strip() or "SMTP"
     date = email.utils.format_datetime(now)
     lines = [
-        f"Received: from {helo_text} ({host_text} [{ip_text}])",
+        f"Received: from {helo_text} (unknown [{ip_text}])",
         f"\tby {hostname} (pyrelay) with {proto_text} id {queue_id}",
     ]
     if recipient is not None:

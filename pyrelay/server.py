@@ -183,7 +183,9 @@ class RelaySMTP(SMTP):
         connection to build its command and hook tables; with one message per connection (how
         web apps send) that was the largest single CPU cost.  The tables are the same for every
         connection, so copy them from a template built once and re-bind the methods to this
-        instance; per-connection state is reset exactly as ``SMTP.__init__`` sets it.
+        instance; per-connection state is reset exactly as ``SMTP.__init__`` sets it.  Written
+        against aiosmtpd 1.4.6 (pinned); tests/test_library_contracts.py compares the result
+        with ``SMTP.__init__``'s attribute by attribute.
         """
         self.__dict__.update(template.__dict__)
         loop = template.loop
@@ -206,6 +208,14 @@ class RelaySMTP(SMTP):
             )
             for name, impl in template._auth_methods.items()
         }
+        # Tables SMTP.__init__ builds afresh for each connection: a copy each, never one dict
+        # shared by every connection (tests/test_library_contracts.py checks for sharing).
+        self._handle_hooks = dict(template._handle_hooks)
+        if template._enforce_call_limit:
+            self._call_limit_base = dict(template._call_limit_base)
+        # SMTP.__init__ also clears this class-wide table, which each EHLO raises (MAIL +10 for
+        # SMTPUTF8); without the reset the MAIL length limit would grow with every connection.
+        self.command_size_limits.clear()
         self.session = None
         self.envelope = None
         self.transport = None

