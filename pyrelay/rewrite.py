@@ -12,6 +12,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pyrelay.domains import DomainError, to_ascii, try_ascii
+
 __all__ = [
     "MASQUERADE_HEADERS",
     "Rewritten",
@@ -38,8 +40,6 @@ MASQUERADE_HEADERS: frozenset[str] = frozenset(
 
 _CRLF = b"\r\n"
 
-# Postfix allows underscores in hostnames, and so do real-world mail domains.
-_LABEL_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 _LIST_SPLIT_RE = re.compile(r"[,\s]+")
 
 
@@ -49,23 +49,10 @@ _LIST_SPLIT_RE = re.compile(r"[,\s]+")
 
 
 def _normalise_domain(raw: str) -> str:
-    domain = raw.lower()
-    if domain.endswith("."):
-        domain = domain[:-1]
-    if not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError as exc:
-            raise ValueError(f"invalid masquerade domain {raw!r}: {exc}") from None
-    if not domain or len(domain) > 253:
-        raise ValueError(f"invalid masquerade domain {raw!r}: empty or longer than 253 octets")
-    for label in domain.split("."):
-        if not _LABEL_RE.fullmatch(label):
-            raise ValueError(
-                f"invalid masquerade domain {raw!r}: bad label {label!r} "
-                "(labels are 1-63 letters, digits, '-' or '_', not starting or ending with '-')"
-            )
-    return domain
+    try:
+        return to_ascii(raw)
+    except DomainError as exc:
+        raise ValueError(f"invalid masquerade domain {raw!r}: {exc}") from None
 
 
 def parse_masquerade_domains(value: str) -> tuple[str, ...]:
@@ -93,13 +80,13 @@ _ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
 def _domain_key(domain: str) -> str:
     if domain.isascii():
         return domain.lower()
-    try:
-        # SMTPUTF8 peers may send U-labels; configured domains are A-labels.
-        return domain.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        # Undecodable or invalid IDN: compare only the ASCII letters case-insensitively so
-        # that it can never spuriously equal a configured (pure ASCII) domain.
-        return domain.translate(_ASCII_LOWER)
+    # SMTPUTF8 peers may send U-labels; configured domains are A-labels (UTS-46).
+    key = try_ascii(domain)
+    if key is not None:
+        return key
+    # Undecodable or invalid IDN: compare only the ASCII letters case-insensitively so
+    # that it can never spuriously equal a configured (pure ASCII) domain.
+    return domain.translate(_ASCII_LOWER)
 
 
 def _masquerade_domain(domain: str, domains: Sequence[str]) -> str | None:
