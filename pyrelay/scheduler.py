@@ -20,6 +20,7 @@ from pyrelay.delivery import Outcome, RecipientResult, Session, Upstream
 from pyrelay.errors import DeliveryError, SpoolError
 from pyrelay.logging import get_logger
 from pyrelay.metrics import Metrics
+from pyrelay.rewrite import masquerade_address
 from pyrelay.spool import CorruptEntry, Envelope, Spool, worker_of
 from pyrelay.wire import dot_stuff, header_block
 
@@ -480,6 +481,9 @@ class Scheduler:
             original_headers=header_block(message),
             arrival=datetime.fromtimestamp(env.arrival, UTC),
             now=now,
+            from_address=masquerade_address(
+                self.settings.bounce_from, self.settings.masquerade_domains
+            ),
         )
         wire = dot_stuff(body)
         notice = Envelope(
