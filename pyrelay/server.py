@@ -108,9 +108,6 @@ class RelayEnvelope(SMTPEnvelope):
         self.rcpt_keys: set[str] = set()
 
 
-# Postfix smtpd_junk_command_limit counts these (plus ETRN, which pyrelay does not implement).
-JUNK_COMMANDS = ("NOOP", "RSET", "VRFY", "EXPN", "HELP")
-
 _SMTPCommand = Callable[[Any, str], Coroutine[Any, Any, Any]]
 
 
@@ -166,7 +163,6 @@ class RelayHandler:
                     rejection = policy.check_declared_size(int(opt[5:]))
         if rejection is not None:
             self.listener.rejected(session, rejection.reason, rejection.reply, sender=sender)
-            self._after_rejection(server, rejection)
             return rejection.reply
         # "<>" keeps aiosmtpd's truthiness checks (nested MAIL, RCPT before MAIL) working.
         envelope.mail_from = address if sender else "<>"
@@ -335,9 +331,10 @@ class RelaySMTP(SMTP):
             transport.close()
 
     async def junk_command(self) -> bool:
-        """Postfix ``smtpd_junk_command_limit``: count NOOP, RSET, VRFY, EXPN and HELP; past the
-        limit answer ``421`` and close (Postfix counts each further one as an error and closes at
-        ``smtpd_hard_error_limit``; pyrelay closes at once).  True if the session is over."""
+        """Postfix ``smtpd_junk_command_limit``: count NOOP, RSET, VRFY, EXPN and HELP (and
+        ETRN in Postfix, not implemented here); past the limit answer ``421`` and close.
+        Postfix counts each further one as an error and closes at ``smtpd_hard_error_limit``;
+        pyrelay closes at once.  True if the session is over."""
         limit = self.listener.settings.junk_command_limit
         self._junk += 1
         if not limit or self._junk <= limit:
