@@ -174,9 +174,7 @@ class DeliveryAgents:
                 return session  # held, deleted or taken by someone else since it was queued
         except OSError as exc:
             # A read-only or broken spool: the entry stays where it is for a later scan.
-            log.error(
-                "queue_file_move_failed", queue_id=queue_id, reason=exc.strerror or str(exc)
-            )
+            log.error("queue_file_move_failed", queue_id=queue_id, reason=exc.strerror or str(exc))
             return session
         action = self.spool.pending_request(queue_id)
         if action is not None:

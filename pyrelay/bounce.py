@@ -147,8 +147,12 @@ def build_bounce(
     original_headers: bytes,
     arrival: datetime.datetime,
     now: datetime.datetime,
+    from_address: str = "",
 ) -> bytes:
     """Build a complete ``multipart/report; report-type=delivery-status`` message (CRLF).
+
+    ``from_address`` is the header sender (``PYRELAY_BOUNCE_FROM``, already masqueraded by the
+    caller as Postfix cleanup would); empty means ``MAILER-DAEMON@<hostname>``.
 
     Raises ValueError for a null sender (a bounce must never answer a bounce) or when there
     are no failed recipients to report.
@@ -205,8 +209,10 @@ def build_bounce(
             f"--{boundary}\r\n" + "".join(h + _CRLF for h in header_lines) + _CRLF
         ).encode() + payload
 
+    from_address = _clean(from_address, ascii_only=False, limit=_MAX_HEADER_LINE // 2)
+    from_address = from_address.replace(" ", "") or f"MAILER-DAEMON@{hostname}"
     top = [
-        f"From: MAILER-DAEMON@{hostname} (Mail Delivery System)",
+        f"From: {from_address} (Mail Delivery System)",
         f"To: {to}",
         "Subject: Undelivered Mail Returned to Sender",
         f"Date: {email.utils.format_datetime(now)}",

@@ -1,4 +1,4 @@
-"""Settings from the environment (and an optional ``.env`` file).
+"""Settings from the environment (and a ``.env`` file only when ``PYRELAY_ENV_FILE`` names one).
 
 Names from the Postfix container (boky/postfix) keep their names; pyrelay's own settings use the
 ``PYRELAY_`` prefix.  Building ``Settings`` parses and validates, and does the little I/O that
@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
+from pyrelay.domains import DomainError, to_ascii
 from pyrelay.errors import ConfigError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -97,18 +98,15 @@ def split_list(value: object) -> list[str]:
 
 
 def normalize_domain(domain: str) -> str:
-    """Lowercase and IDNA-encode a domain so that comparisons are exact string matches."""
-    domain = domain.strip().rstrip(".").lower()
+    """A configured domain as its comparison key (``pyrelay.domains.to_ascii``: UTS-46
+    non-transitional, lowercase A-labels), so that comparisons are exact string matches."""
+    domain = domain.strip()
     if not domain:
         raise ValueError("empty domain")
-    if not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError as exc:
-            raise ValueError(f"invalid internationalised domain {domain!r}") from exc
-    if not _HOSTNAME.match(domain):
-        raise ValueError(f"invalid domain {domain!r}")
-    return domain
+    try:
+        return to_ascii(domain)
+    except DomainError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def parse_host_port(
@@ -173,8 +171,12 @@ class Settings(BaseSettings):
     """The effective configuration.  Field aliases are the environment variable names."""
 
     model_config = SettingsConfigDict(
-        env_file=".env",
+        # Never a .env from the working directory (in the image that is the spool volume):
+        # load_settings passes PYRELAY_ENV_FILE when it is set.
+        env_file=None,
         env_file_encoding="utf-8",
+        # VAR= means unset (compose files often write empty values), not an empty value.
+        env_ignore_empty=True,
         extra="ignore",
         populate_by_name=True,
         case_sensitive=False,
@@ -209,6 +211,9 @@ class Settings(BaseSettings):
     )
     allow_empty_sender_domains: bool = Field(
         default=False, validation_alias=AliasChoices("ALLOW_EMPTY_SENDER_DOMAINS")
+    )
+    allow_null_sender: bool = Field(
+        default=False, validation_alias=AliasChoices("PYRELAY_ALLOW_NULL_SENDER")
     )
     masquerade_domains: ListSetting = Field(
         default=(),
@@ -257,6 +262,10 @@ class Settings(BaseSettings):
     metrics_listen: Annotated[HostPort | None, NoDecode] = Field(
         default=None, validation_alias=AliasChoices("PYRELAY_METRICS_LISTEN")
     )
+    # The header From: of bounces; empty means MAILER-DAEMON@<hostname>.
+    bounce_from: str = Field(default="", validation_alias=AliasChoices("PYRELAY_BOUNCE_FROM"))
+    # Shown by `pyrelay config`; read by load_settings before the other values.
+    env_file: Path | None = Field(default=None, validation_alias=AliasChoices("PYRELAY_ENV_FILE"))
 
     # Limits on clients (Postfix smtpd_recipient_limit, smtpd_timeout, process limit).
     max_recipients: int = Field(
@@ -267,6 +276,21 @@ class Settings(BaseSettings):
     )
     max_commands: int = Field(
         default=10000, ge=10, validation_alias=AliasChoices("PYRELAY_MAX_COMMANDS")
+    )
+    # Postfix smtpd_client_connection_count_limit (0 = unlimited) and smtpd_junk_command_limit.
+    max_connections_per_client: int = Field(
+        default=50,
+        ge=0,
+        validation_alias=AliasChoices(
+            "PYRELAY_MAX_CONNECTIONS_PER_CLIENT", "POSTFIX_smtpd_client_connection_count_limit"
+        ),
+    )
+    junk_command_limit: int = Field(
+        default=100,
+        ge=0,
+        validation_alias=AliasChoices(
+            "PYRELAY_JUNK_COMMAND_LIMIT", "POSTFIX_smtpd_junk_command_limit"
+        ),
     )
     command_timeout: float = Field(
         default=300.0, validation_alias=AliasChoices("PYRELAY_COMMAND_TIMEOUT")
@@ -359,7 +383,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"invalid network {item!r} (use CIDR like 10.0.0.0/8)") from None
         return tuple(nets)
 
-    @field_validator("allow_empty_sender_domains", mode="before")
+    @field_validator("allow_empty_sender_domains", "allow_null_sender", mode="before")
     @classmethod
     def _bool(cls, value: object) -> bool:
         return _truthy(value)
@@ -404,8 +428,24 @@ class Settings(BaseSettings):
             raise ValueError(f"invalid host name {text!r}")
         return text
 
+    @field_validator("bounce_from", mode="before")
+    @classmethod
+    def _bounce_from(cls, value: object) -> str:
+        text = str(value or "").strip()
+        if not text:
+            return ""
+        local, at, domain = text.rpartition("@")
+        if not at or not local or any(c.isspace() or c in "<>()," for c in text):
+            raise ValueError(f"invalid address {text!r} (use local@domain)")
+        if not local.isascii() or any(ord(c) < 32 or ord(c) == 127 for c in local):
+            raise ValueError(f"invalid address {text!r} (ASCII local part only)")
+        normalize_domain(domain)
+        return text
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
+        if not self.bounce_from:
+            object.__setattr__(self, "bounce_from", f"MAILER-DAEMON@{self.hostname}")
         for name in ("username", "password"):
             path: Path | None = getattr(self, f"relayhost_{name}_file")
             if path is None:
@@ -500,8 +540,27 @@ def _describe(error: ValidationError) -> str:
     return message
 
 
+def env_file_from_environment() -> Path | None:
+    """``PYRELAY_ENV_FILE`` if set (and not empty); it must name a readable file."""
+    name = os.environ.get("PYRELAY_ENV_FILE", "").strip()
+    if not name:
+        return None
+    path = Path(name)
+    if not path.is_file():
+        raise ConfigError(f"PYRELAY_ENV_FILE: no such file {path}")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"PYRELAY_ENV_FILE: cannot read {path}: {exc.strerror}") from None
+    return path
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Build ``Settings`` from the environment; raise ``ConfigError`` with one clear line."""
+    """Build ``Settings`` from the environment (and ``PYRELAY_ENV_FILE``, if set); raise
+    ``ConfigError`` with one clear line."""
+    if "_env_file" not in overrides:
+        overrides["_env_file"] = env_file_from_environment()
     try:
         return Settings(**overrides)
     except ValidationError as exc:

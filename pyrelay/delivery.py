@@ -301,10 +301,16 @@ class Upstream:
             return
         if not encrypted:
             # Never, at any TLS level: a relay's credentials are worth more than one message.
+            if implicit or not client.supports_extension("starttls"):
+                why = "the server did not offer STARTTLS"
+            elif self.tls_context is None:
+                why = "TLS is disabled by RELAYHOST_TLS_LEVEL=none"
+            else:
+                why = "STARTTLS failed"
             raise DeliveryError(
                 "4.7.4",
                 f"refusing to send SASL credentials to {relay} over an unencrypted connection "
-                "(the server did not offer STARTTLS)",
+                f"({why})",
                 kind=Step.TLS,
             )
         if not client.supports_extension("auth"):

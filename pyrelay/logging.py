@@ -1,4 +1,9 @@
-"""structlog setup: one event per line, ``key=value`` (logfmt) by default or JSON."""
+"""structlog setup: one event per line, ``key=value`` (logfmt) by default or JSON.
+
+Values come from clients (HELO names, addresses, header fields): in the console format every
+control character is escaped, so that a value can neither start a new line nor drive a terminal
+(a forged ``event=sent`` line behind a CR or an escape sequence).  JSON escapes them already.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,46 @@ from typing import Any, TextIO
 import structlog
 
 from pyrelay.config import LogFormat
+
+
+def _escape_table() -> dict[int, str]:
+    table = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
+    table.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r", 0x5C: "\\\\", 0x22: '\\"'})
+    # Not control characters, but line breaks to str.splitlines() and some log viewers.
+    table.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+    # Lone surrogates: bytes that were not UTF-8 (aiosmtpd decodes with surrogateescape) are
+    # shown as the byte, other surrogates by code point; neither can be written as UTF-8.
+    table.update({c: f"\\x{c - 0xDC00:02x}" for c in range(0xDC80, 0xDD00)})
+    table.update({c: f"\\u{c:04x}" for c in range(0xD800, 0xE000) if c not in table})
+    return table
+
+
+_ESCAPES = _escape_table()
+
+
+def escape_value(value: str) -> str:
+    """One logfmt value: C0, DEL and C1 controls, backslash and quote escaped; quoted when it
+    holds a space or ``=`` (or is empty after a non-empty input)."""
+    escaped = value.translate(_ESCAPES)
+    if " " in value or "=" in value or '"' in value:
+        return f'"{escaped}"'
+    return escaped
+
+
+class ConsoleRenderer(structlog.processors.LogfmtRenderer):
+    """structlog's logfmt with every value escaped by ``escape_value``."""
+
+    def __call__(self, logger: Any, name: str, event_dict: Any) -> str:
+        elements: list[str] = []
+        for key, value in self._ordered_items(event_dict):
+            if value is None:
+                elements.append(f"{key}=")
+                continue
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elements.append(f"{escape_value(str(key))}={escape_value(str(value))}")
+        return " ".join(elements)
+
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -30,7 +75,7 @@ def configure_logging(
     if LogFormat(fmt) is LogFormat.JSON:
         renderer = structlog.processors.JSONRenderer()
     else:
-        renderer = structlog.processors.LogfmtRenderer(
+        renderer = ConsoleRenderer(
             key_order=["timestamp", "level", "event", "queue_id"], drop_missing=True
         )
     structlog.configure(

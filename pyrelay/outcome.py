@@ -196,8 +196,9 @@ class OutcomeRecorder:
         asyncio.get_running_loop().call_later(wait, retry)
 
     def bounce_sender(self) -> str:
-        """MAILER-DAEMON@<hostname>, through MASQUERADED_DOMAINS like any header sender."""
-        address = f"MAILER-DAEMON@{self.settings.hostname}"
+        """``PYRELAY_BOUNCE_FROM`` (MAILER-DAEMON@<hostname>), through MASQUERADED_DOMAINS like
+        any header sender (Postfix rewrites its bounces in cleanup too)."""
+        address = self.settings.bounce_from
         masq = self.settings.masquerade_domains
         return masquerade_address(address, masq) if masq else address
 
@@ -222,6 +223,7 @@ class OutcomeRecorder:
         remote = None if relay == "none" else relay.split("[", 1)[0]
         body = build_bounce(
             hostname=self.settings.hostname,
+            from_address=self.bounce_sender(),
             queue_id=env.queue_id,
             bounce_queue_id=bounce_id,
             sender=env.sender,

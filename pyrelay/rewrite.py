@@ -12,6 +12,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pyrelay.domains import try_ascii
+
 __all__ = [
     "MASQUERADE_HEADERS",
     "Rewritten",
@@ -49,13 +51,13 @@ _ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
 def _domain_key(domain: str) -> str:
     if domain.isascii():
         return domain.lower()
-    try:
-        # SMTPUTF8 peers may send U-labels; configured domains are A-labels.
-        return domain.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        # Undecodable or invalid IDN: compare only the ASCII letters case-insensitively so
-        # that it can never spuriously equal a configured (pure ASCII) domain.
-        return domain.translate(_ASCII_LOWER)
+    # SMTPUTF8 peers may send U-labels; configured domains are A-labels (UTS-46).
+    key = try_ascii(domain)
+    if key is not None:
+        return key
+    # Undecodable or invalid IDN: compare only the ASCII letters case-insensitively so
+    # that it can never spuriously equal a configured (pure ASCII) domain.
+    return domain.translate(_ASCII_LOWER)
 
 
 def _masquerade_domain(domain: str, domains: Sequence[str]) -> str | None:

@@ -5,9 +5,10 @@ that replies ``250`` only once the message is durable in the spool.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP
@@ -19,7 +20,7 @@ from pyrelay.config import Settings
 from pyrelay.errors import SMTPReply, SpoolError
 from pyrelay.logging import get_logger
 from pyrelay.metrics import Metrics
-from pyrelay.policy import Policy
+from pyrelay.policy import Policy, Reason, Rejection, normalize_address_domain, split_address
 from pyrelay.spool import Envelope, Spool
 from pyrelay.wire import TERMINATOR
 
@@ -88,6 +89,40 @@ def client_ip(session: SMTPSession) -> str:
     return str(peer or "unknown")
 
 
+def recipient_key(address: str) -> str:
+    """Identity of a recipient for duplicate removal: the local part as written (it may be
+    case-sensitive), the domain case-insensitive and in one IDNA form."""
+    parts = split_address(address)
+    if parts is None:
+        return address
+    local, domain = parts
+    return f"{local}@{normalize_address_domain(domain) or domain.lower()}"
+
+
+class RelayEnvelope(SMTPEnvelope):
+    """aiosmtpd's envelope plus the keys of the recipients already accepted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rcpt_keys: set[str] = set()
+
+
+_SMTPCommand = Callable[[Any, str], Coroutine[Any, Any, Any]]
+
+
+def _junk_limited(method: _SMTPCommand) -> _SMTPCommand:
+    """Wrap an aiosmtpd command so that it counts against the junk command limit (keeping its
+    HELP syntax attributes)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: RelaySMTP, arg: str) -> None:
+        if await self.junk_command():
+            return
+        await method(self, arg)
+
+    return wrapper
+
+
 class RelayHandler:
     """aiosmtpd hooks.  Kept small on purpose: aiosmtpd inspects the handler per connection."""
 
@@ -120,15 +155,14 @@ class RelayHandler:
     ) -> str:
         sender = "" if address == "<>" else address
         policy = self.listener.policy
-        reply = policy.check_sender(sender)
-        if reply is None:
+        rejection = policy.check_sender(sender)
+        if rejection is None:
             for opt in options:
                 if opt.startswith("SIZE=") and opt[5:].isdigit():
-                    reply = policy.check_declared_size(int(opt[5:]))
-        if reply is not None:
-            reason = "size" if reply.startswith("552") else "sender"
-            self.listener.rejected(session, reason, reply, sender=sender)
-            return reply
+                    rejection = policy.check_declared_size(int(opt[5:]))
+        if rejection is not None:
+            self.listener.rejected(session, rejection.reason, rejection.reply, sender=sender)
+            return rejection.reply
         # "<>" keeps aiosmtpd's truthiness checks (nested MAIL, RCPT before MAIL) working.
         envelope.mail_from = address if sender else "<>"
         envelope.mail_options.extend(options)
@@ -143,19 +177,34 @@ class RelayHandler:
         options: list[str],
     ) -> str:
         sender = "" if envelope.mail_from == "<>" else (envelope.mail_from or "")
-        reply = self.listener.policy.check_recipient(
+        rejection = self.listener.policy.check_recipient(
             client_ip(session), sender, address, len(envelope.rcpt_tos)
         )
-        if reply is not None:
-            reason = {"554 5.7.1 <": "relay_denied", "504": "syntax", "452": "too_many_recipients"}
-            kind = next((v for k, v in reason.items() if reply.startswith(k)), "policy")
-            if "Client host rejected" in reply:
-                kind = "client"
-            self.listener.rejected(session, kind, reply, sender=sender, recipient=address)
-            return reply
+        if rejection is not None:
+            self.listener.rejected(
+                session, rejection.reason, rejection.reply, sender=sender, recipient=address
+            )
+            self._after_rejection(server, rejection)
+            return rejection.reply
+        # Postfix cleanup removes duplicate recipients; here they never enter the envelope, so
+        # the upstream sees one RCPT per address (the domain compared case-insensitively).
+        key = recipient_key(address)
+        keys = envelope.rcpt_keys if isinstance(envelope, RelayEnvelope) else None
+        if keys is not None:
+            if key in keys:
+                log.debug("duplicate_recipient", client=client_ip(session), to=f"<{address}>")
+                return "250 2.1.5 Ok"
+            keys.add(key)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 Ok"
+
+    @staticmethod
+    def _after_rejection(server: SMTP, rejection: Rejection) -> None:
+        # A client outside MYNETWORKS can never relay: answer its 554 and hang up instead of
+        # letting it hold a connection slot.
+        if rejection.reason == Reason.CLIENT and isinstance(server, RelaySMTP):
+            server.hang_up_after_reply = True
 
 
 class RelaySMTP(SMTP):
@@ -170,8 +219,10 @@ class RelaySMTP(SMTP):
         else:
             self._init_from(template)
         self.listener = listener
-        self._refuse = False
+        self._refuse: str | None = None
         self._in_ehlo = False
+        self._junk = 0
+        self.hang_up_after_reply = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._session_timer: asyncio.TimerHandle | None = None
@@ -241,7 +292,7 @@ class RelaySMTP(SMTP):
         first = self.transport is None
         super().connection_made(transport)
         if first:
-            self._refuse = not self.listener.session_opened(self)
+            self._refuse = self.listener.session_opened(self)
             self._session_timer = self.loop.call_later(
                 self.listener.settings.session_timeout, self._session_expired
             )
@@ -270,13 +321,51 @@ class RelaySMTP(SMTP):
 
     async def _handle_client(self) -> None:
         if self._refuse:
-            await self.push(
-                f"421 4.7.0 {self.hostname} Error: too many connections from all clients"
-            )
+            await self.push(f"421 4.7.0 {self.hostname} Error: {self._refuse}")
             assert self.transport is not None
             self.transport.close()
             return
         await super()._handle_client()
+
+    def _create_envelope(self) -> SMTPEnvelope:
+        return RelayEnvelope()
+
+    def _hang_up(self, reply: str | None = None) -> None:
+        """Close after ``reply``; pipelined commands already read are dropped, never run."""
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        transport = writable(self.transport)
+        if transport is not None:
+            if reply is not None:
+                transport.write(reply.encode() + b"\r\n")
+            transport.close()
+
+    async def junk_command(self) -> bool:
+        """Postfix ``smtpd_junk_command_limit``: count NOOP, RSET, VRFY, EXPN and HELP (and
+        ETRN in Postfix, not implemented here); past the limit answer ``421`` and close.
+        Postfix counts each further one as an error and closes at ``smtpd_hard_error_limit``;
+        pyrelay closes at once.  True if the session is over."""
+        limit = self.listener.settings.junk_command_limit
+        self._junk += 1
+        if not limit or self._junk <= limit:
+            return False
+        assert self.session is not None
+        self.listener.metrics.rejected.labels(reason="junk_commands").inc()
+        log.warning("junk_command_limit", client=client_ip(self.session), limit=limit)
+        self._hang_up(f"421 4.7.0 {self.hostname} Error: too many errors")
+        return True
+
+    smtp_NOOP = _junk_limited(SMTP.smtp_NOOP)
+    smtp_RSET = _junk_limited(SMTP.smtp_RSET)
+    smtp_VRFY = _junk_limited(SMTP.smtp_VRFY)
+    smtp_EXPN = _junk_limited(SMTP.smtp_EXPN)  # type: ignore[assignment]
+    smtp_HELP = _junk_limited(SMTP.smtp_HELP)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        await super().smtp_RCPT(arg)
+        if self.hang_up_after_reply:
+            self._hang_up()
+
+    functools.update_wrapper(smtp_RCPT, SMTP.smtp_RCPT)  # keeps HELP's syntax text
 
     async def push(self, status: str) -> None:  # type: ignore[override]
         await super().push(status if self._in_ehlo else with_enhanced_status(status))
@@ -368,6 +457,9 @@ class Listener:
         self.policy = Policy.from_settings(settings)
         self.servers: list[asyncio.Server] = []
         self.sessions: set[RelaySMTP] = set()
+        # Live sessions per client address (Postfix smtpd_client_connection_count_limit).
+        self.per_client: dict[str, int] = {}
+        self._client_of: dict[RelaySMTP, str] = {}
         self.closing = False
         self.ports: list[tuple[str, int]] = []
         self.handler = RelayHandler(self)
@@ -409,7 +501,8 @@ class Listener:
                 self.ports.append((str(addr[0]), int(addr[1])))
         log.info("listening", addresses=" ".join(f"{h}:{p}" for h, p in self.ports))
 
-    def session_opened(self, proto: RelaySMTP) -> bool:
+    def session_opened(self, proto: RelaySMTP) -> str | None:
+        """Register a new session; ``None``, or why it must be refused (the text of the 421)."""
         if self.closing or len(self.sessions) >= self.settings.max_connections:
             self.metrics.rejected.labels(reason="too_many_connections").inc()
             log.warning(
@@ -417,12 +510,33 @@ class Listener:
                 reason="too many connections",
                 limit=self.settings.max_connections,
             )
-            return False
+            return "too many connections from all clients"
+        ip = client_ip(proto.session) if proto.session is not None else "unknown"
+        count = self.per_client.get(ip, 0)
+        limit = self.settings.max_connections_per_client
+        if limit and count >= limit:
+            self.metrics.rejected.labels(reason="too_many_connections_per_client").inc()
+            log.warning(
+                "connection_refused",
+                client=ip,
+                reason="too many connections from this client",
+                limit=limit,
+            )
+            return f"too many connections from {ip}"
+        self.per_client[ip] = count + 1
+        self._client_of[proto] = ip
         self.sessions.add(proto)
-        return True
+        return None
 
     def session_closed(self, proto: RelaySMTP) -> None:
         self.sessions.discard(proto)
+        ip = self._client_of.pop(proto, None)
+        if ip is not None:
+            left = self.per_client.get(ip, 1) - 1
+            if left > 0:
+                self.per_client[ip] = left
+            else:
+                self.per_client.pop(ip, None)
 
     def rejected(
         self,

@@ -6,12 +6,15 @@ from __future__ import annotations
 import ipaddress
 import re
 
+import idna
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pyrelay.policy import (
     Policy,
+    Reason,
+    Rejection,
     is_fully_qualified,
     normalize_address_domain,
     split_address,
@@ -38,14 +41,18 @@ addressish = st.one_of(
 
 
 def oracle_domain(domain: str) -> str | None:
-    """Independent normalisation: case-fold, drop a root dot, IDNA for non-ASCII."""
-    domain = domain.rstrip(".")
+    """Independent normalisation: case-fold, drop a root dot, UTS-46 (non-transitional)."""
+    domain = domain.removesuffix(".")
     if not domain.isascii():
         try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
+            domain = idna.encode(domain, uts46=True, transitional=False).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
             return None
     return domain.lower()
+
+
+def reply_of(decision: Rejection | None) -> str | None:
+    return None if decision is None else decision.reply
 
 
 def oracle_allows(domain: str) -> bool:
@@ -88,15 +95,19 @@ def test_allowed_sender_domain_is_allowed_or_subdomain(text: str) -> None:
 @given(addressish, addressish, st.integers(min_value=0, max_value=20))
 def test_check_recipient_replies_are_well_formed(sender: str, rcpt: str, count: int) -> None:
     for ip in ("127.0.0.1", "10.9.9.9", "::ffff:127.0.0.1", "fd00::1", "2001:db8::1", "junk"):
-        reply = POLICY.check_recipient(ip, sender, rcpt, count)
+        decision = POLICY.check_recipient(ip, sender, rcpt, count)
+        reply = reply_of(decision)
         allowed_client = ip in ("127.0.0.1", "::ffff:127.0.0.1", "fd00::1")
         if not allowed_client:
             assert reply == f"554 5.7.1 <{ip}>: Client host rejected: Access denied"
+            assert decision is not None and decision.reason == Reason.CLIENT
             continue
         if reply is None:
             assert is_fully_qualified(rcpt) and count < 10
-            assert sender == "" or oracle_allows(split_address(sender)[1])  # type: ignore[index]
+            assert sender != ""  # a null sender is refused unless allowed explicitly
+            assert oracle_allows(split_address(sender)[1])  # type: ignore[index]
         else:
+            assert decision is not None and decision.reason in vars(Reason).values()
             assert REPLY.match(reply), reply
             if "\n" not in rcpt + sender:
                 assert "\n" not in reply  # one reply line
@@ -154,7 +165,7 @@ def test_structured_senders(local: str, domain_case: tuple[str, bool]) -> None:
     if must_allow and not oracle_allows(domain):
         must_allow = False  # e.g. a random label that is not a valid hostname
     assert POLICY.sender_domain_allowed(address) == oracle_allows(domain) == must_allow, address
-    reply = POLICY.check_recipient("127.0.0.1", address, "r@dest.test", 0)
+    reply = reply_of(POLICY.check_recipient("127.0.0.1", address, "r@dest.test", 0))
     if must_allow:
         assert reply is None
     else:
@@ -191,11 +202,11 @@ def test_allow_any_sender_domain_still_checks_clients() -> None:
         size_limit=0,
     )
     assert open_policy.check_recipient("127.0.0.1", "x@evil.test", "r@dest.test", 0) is None
-    assert open_policy.check_recipient("192.0.2.9", "x@evil.test", "r@dest.test", 0) == (
-        "554 5.7.1 <192.0.2.9>: Client host rejected: Access denied"
+    assert open_policy.check_recipient("192.0.2.9", "x@evil.test", "r@dest.test", 0) == Rejection(
+        Reason.CLIENT, "554 5.7.1 <192.0.2.9>: Client host rejected: Access denied"
     )
-    assert open_policy.check_recipient("127.0.0.1", "", "r@dest.test", 2) == (
-        "452 4.5.3 Error: too many recipients"
+    assert open_policy.check_recipient("127.0.0.1", "", "r@dest.test", 2) == Rejection(
+        Reason.TOO_MANY_RECIPIENTS, "452 4.5.3 Error: too many recipients"
     )
 
 
@@ -203,7 +214,9 @@ def test_allow_any_sender_domain_still_checks_clients() -> None:
 @given(st.text(max_size=10), st.sampled_from(["\x00", "\x01", "\t", "\r", "\x7f", "\udcff"]))
 def test_unrelayable_characters_are_refused(local: str, bad: str) -> None:
     sender = f'"{local}{bad}"@example.org'
-    assert POLICY.check_sender(sender) == "501 5.1.7 Bad sender address syntax"
-    assert POLICY.check_recipient("127.0.0.1", "", f"x{bad}@dest.test", 0) == (
-        "501 5.1.3 Bad recipient address syntax"
+    assert POLICY.check_sender(sender) == Rejection(
+        Reason.SYNTAX, "501 5.1.7 Bad sender address syntax"
+    )
+    assert POLICY.check_recipient("127.0.0.1", "", f"x{bad}@dest.test", 0) == Rejection(
+        Reason.SYNTAX, "501 5.1.3 Bad recipient address syntax"
     )

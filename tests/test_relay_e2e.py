@@ -123,7 +123,7 @@ async def test_no_bounce_for_null_sender(
     upstream: Upstream, make_relay: Any, logs: LogCapture
 ) -> None:
     upstream.state.rcpt_replies["nobody@dest.test"] = "550 5.1.1 user unknown"
-    async with make_relay(upstream) as relay:
+    async with make_relay(upstream, allow_null_sender=True) as relay:
         await relay.asend("<>", ["nobody@dest.test"], MESSAGE)
         await wait_until(lambda: logs.has("event=bounce_suppressed"), what="suppressed bounce")
     assert upstream.state.messages == []

@@ -243,7 +243,7 @@ async def test_rcpt_5xx_for_all_bounces_without_data(
     make_relay: Any, logs: LogCapture, fault: MakeFault
 ) -> None:
     up = await fault(replies={"RCPT": "550 5.7.1 Relaying denied"})
-    async with make_relay(up, **FAST) as relay:
+    async with make_relay(up, allow_null_sender=True, **FAST) as relay:
         await relay.asend("<>", ["a@dest.test", "b@dest.test"], MESSAGE)
         await wait_until(lambda: len(events(logs, "bounced")) == 2, what="bounces")
         await wait_until(lambda: logs.has("event=bounce_suppressed"))
