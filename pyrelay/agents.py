@@ -235,6 +235,13 @@ class DeliveryAgents:
             log.error("corrupt_queue_file", queue_id=queue_id, reason=str(exc))
             self.spool.quarantine("active", queue_id)
             return None
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            # Unreadable (I/O error, permissions): keep it for a later attempt, never crash.
+            log.error("unreadable_queue_file", queue_id=queue_id, reason=exc.strerror or str(exc))
+            self.spool.move(queue_id, "active", "deferred")
+            return None
         assert isinstance(result, OpenEntry)
         return result
 

@@ -26,7 +26,7 @@ from pyrelay.logging import get_logger
 from pyrelay.metrics import Metrics
 from pyrelay.queuefile import Envelope
 from pyrelay.rewrite import masquerade_address
-from pyrelay.spool import Spool
+from pyrelay.spool import Spool, crash_point
 from pyrelay.wire import dot_stuff, header_block
 
 log = get_logger("pyrelay.outcome")
@@ -121,6 +121,7 @@ class OutcomeRecorder:
                 # (1) above: the recipients just delivered must not be retried if (2) fails.
                 env.recipients = [r.recipient for r in (*still, *bounced)]
                 await self.spool.run(self.spool.write_status, env)
+                crash_point("bounce-after-status")
             try:
                 await self._bounce(env, head, bounced, relay)
             except SpoolError as exc:

@@ -144,6 +144,7 @@ async def start_sink(
     tls_context: ssl.SSLContext | None = None,
     implicit_tls: bool = False,
     hostname: str = "upstream.test",
+    smtputf8: bool = True,
 ) -> asyncio.Server:
     """Start listening; ``tls_context`` enables STARTTLS (or implicit TLS).  Without TLS the
     server still offers AUTH, so that a client leaking credentials in clear would be caught."""
@@ -156,7 +157,7 @@ async def start_sink(
             tls_context=None if implicit_tls else tls_context,
             authenticator=_authenticator(state),
             auth_require_tls=tls_context is not None and not implicit_tls,
-            enable_SMTPUTF8=True,
+            enable_SMTPUTF8=smtputf8,
             loop=loop,
         )
 

@@ -75,6 +75,23 @@ Chunk = bytes | bytearray | memoryview
 
 _sequence = itertools.count(secrets.randbits(20))
 
+# Crash injection for tests/test_transitions.py: ``PYRELAY_CRASH_AT=<point>[:<n>]`` SIGKILLs the
+# process the n-th time (default 1st) it reaches that point between two steps of a transition.
+# Unset (always, outside that test) it costs one comparison.
+_CRASH_AT = os.environ.get("PYRELAY_CRASH_AT") or None
+_crash_counts: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    if _CRASH_AT is None:
+        return
+    point, _, nth = _CRASH_AT.partition(":")
+    if point != name:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if _crash_counts[name] >= int(nth or 1):
+        os.kill(os.getpid(), 9)
+
 
 def new_queue_id(worker: int = 0) -> str:
     """16 hex digits: milliseconds (sortable, like Postfix long IDs), a per-process sequence
@@ -245,9 +262,11 @@ class Spool:
     def _link_new(self, tmp: Path, queue_id: str) -> None:
         """Publish a complete, fsync'd file in ``incoming/`` and make that durable."""
         final = self.path("incoming", queue_id)
+        crash_point("accept-before-link")
         # link() fails instead of replacing: an ID clash (a clock set back to a time whose IDs
         # are still queued) must not overwrite an accepted message.
         os.link(tmp, final)
+        crash_point("accept-after-link")
         os.unlink(tmp)
         try:
             self._dirsync["incoming"].sync()
@@ -255,6 +274,7 @@ class Spool:
             # Not durable, so not accepted: the client is told to retry.
             final.unlink(missing_ok=True)
             raise
+        crash_point("accept-after-dirsync")
 
     # -- transitions -------------------------------------------------------------------------
 
@@ -266,6 +286,7 @@ class Spool:
             os.rename(self.path(src, queue_id), self.path(dst, queue_id))
         except FileNotFoundError:
             return False
+        crash_point(f"move-{src}-{dst}")
         return True
 
     def claim(self, queue_id: str, src: str) -> bool:
@@ -279,9 +300,12 @@ class Spool:
         if not src.exists():
             raise FileNotFoundError(errno.ENOENT, "entry vanished from active/", str(src))
         self.write_status(env)
+        crash_point("defer-after-status")
         when = env.next_attempt
         os.utime(src, (when, when))
+        crash_point("defer-after-utime")
         os.rename(src, self.path(dst, env.queue_id))
+        crash_point("defer-after-rename")
         self._dirsync[dst].sync()
         env.state = dst
 
@@ -302,6 +326,7 @@ class Spool:
         harmless garbage, an entry without its status would be retried to every recipient.
         Not fsync'd: a crash may resurrect it (the at-least-once window)."""
         os.unlink(self.path(state, queue_id))
+        crash_point("remove-after-unlink")
         for name in ("status", "requests"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.root / name / queue_id)
@@ -359,8 +384,14 @@ class Spool:
         """Open an entry and read its envelope (with the status applied), not its message.
         ``FileNotFoundError`` if it is gone, ``CorruptEntry`` if unparsable."""
         path = self.path(state, queue_id)
-        # O_NOFOLLOW and the regular-file check: only ever read our own queue files.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NOFOLLOW, O_NONBLOCK (a FIFO must not hang us) and the regular-file check: only
+        # ever read our own queue files, never what a planted link points at.
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CorruptEntry("a symbolic link, not a queue file") from None
+            raise
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise CorruptEntry("not a regular file")

@@ -83,12 +83,17 @@ class WireNormalizer:
         data = self._carry + data if self._carry else data
         self._carry = b""
         if not self.dirty:
-            if data.endswith(b"\r"):
-                # Maybe the first half of a CRLF split between two chunks.
-                data, self._carry = data[:-1], b"\r"
-            if not has_bare_eol(data):
-                self._passed(data)
-                return data
+            # A trailing CR may be the first half of a CRLF split between two chunks.
+            clean, tail = (data[:-1], b"\r") if data.endswith(b"\r") else (data, b"")
+            if not has_bare_eol(clean):
+                # A last line of just "." could still become a lone "." line if a bare CR
+                # follows in the next chunk: hold it back until its line end is known.
+                start = clean.rfind(b"\n") + 1
+                if clean[start:] == b"." and (start or self._line_start):
+                    clean, tail = clean[:start], b"." + tail
+                self._carry = tail
+                self._passed(clean)
+                return clean
             self.dirty = True
         nl = data.rfind(b"\n")
         if nl < 0 and len(data) <= self.LONG:

@@ -87,11 +87,20 @@ async def make_upstream(server_tls: ssl.SSLContext) -> AsyncIterator[Callable[..
     started: list[Upstream] = []
 
     async def make(
-        *, tls: bool = True, auth: bool = True, port: int = 0, implicit_tls: bool = False
+        *,
+        tls: bool = True,
+        auth: bool = True,
+        port: int = 0,
+        implicit_tls: bool = False,
+        smtputf8: bool = True,
     ) -> Upstream:
         state = SinkState(username=USER if auth else None, password=PASSWORD if auth else None)
         server = await start_sink(
-            state, port=port, tls_context=server_tls if tls else None, implicit_tls=implicit_tls
+            state,
+            port=port,
+            tls_context=server_tls if tls else None,
+            implicit_tls=implicit_tls,
+            smtputf8=smtputf8,
         )
         up = Upstream(state, server, server.sockets[0].getsockname()[1])
         started.append(up)

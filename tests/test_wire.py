@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from pyrelay.wire import (
     TERMINATOR,
+    WireNormalizer,
     dot_stuff,
     dot_unstuff,
     has_bare_eol,
@@ -109,3 +110,52 @@ def test_dot_stuff_round_trip(parts: list[bytes]) -> None:
 def test_header_block_never_crashes(data: bytes) -> None:
     head = header_block(relayed_form(data + b"\r\n"))
     assert head == b"" or head.endswith(b"\r\n")
+
+
+# -- the streaming normaliser the listener uses (pyrelay.wire.WireNormalizer) ----------------
+
+
+def _stream(data: bytes, cuts: list[int]) -> bytes:
+    norm = WireNormalizer()
+    out = []
+    prev = 0
+    for cut in sorted(set(c % (len(data) + 1) for c in cuts)):
+        out.append(norm.feed(data[prev:cut]))
+        prev = cut
+    out.append(norm.feed(data[prev:]))
+    out.append(norm.end())
+    return b"".join(out)
+
+
+@SETTINGS
+@given(payloads, st.lists(st.integers(min_value=0, max_value=400), max_size=8))
+@example(b"a\r", [1])
+@example(b"\n.\n", [1, 2])
+@example(b"S: x\rX-Evil: 1\r\n\r\nbody\r.\r", [3, 9])
+def test_streaming_normaliser_is_clean_and_independent_of_chunking(
+    data: bytes, cuts: list[int]
+) -> None:
+    assume(TERMINATOR not in b"\r\n" + data)  # the listener stops at the first one
+    whole = _stream(data, [])
+    assert _stream(data, cuts) == whole
+    assert not has_bare_eol(whole)
+    assert TERMINATOR not in b"\r\n" + whole
+    assert not LAX_END.search(b"\r\n" + whole)
+    if not has_bare_eol(data) and data.endswith(b"\r\n"):
+        assert whole == data  # clean input (DATA ends with CRLF) passes through untouched
+
+
+@SETTINGS
+@given(payloads)
+def test_streaming_normaliser_matches_normalize_wire_in_the_body(data: bytes) -> None:
+    # After a blank line the header rule (bare CR -> space) no longer applies.
+    data += b"\r\n"  # DATA payloads always end with CRLF (the one before the terminator)
+    message = b"Subject: x\r\n\r\n" + data
+    assume(TERMINATOR not in message)  # the listener never passes one on
+    out = _stream(message, [])
+    assert out == b"Subject: x\r\n\r\n" + normalize_wire(data)
+
+
+def test_bare_cr_in_a_header_never_starts_a_header_line() -> None:
+    out = _stream(b"Subject: hi\rX-Evil: 1\r\nTo: a@b.c\n\r\nbody\rline\r\n", [5, 17])
+    assert out == b"Subject: hi X-Evil: 1\r\nTo: a@b.c\r\n\r\nbody\r\nline\r\n"
