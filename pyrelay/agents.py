@@ -11,13 +11,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pyrelay.config import Settings
-from pyrelay.delivery import InMemoryBody, MessageBody, Outcome, RecipientResult, Session, Upstream
+from pyrelay.delivery import InMemoryBody, Outcome, RecipientResult, Session, Upstream
 from pyrelay.errors import DeliveryError
 from pyrelay.logging import get_logger
 from pyrelay.metrics import Metrics
 from pyrelay.outcome import BOUNCE_HEADERS, OutcomeRecorder
 from pyrelay.queuefile import CorruptEntry, Envelope
 from pyrelay.spool import OpenEntry, Spool, SpoolBody
+from pyrelay.transaction import MessageBody
 
 log = get_logger("pyrelay.agents")
 

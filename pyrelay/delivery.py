@@ -16,13 +16,24 @@ import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import cast
 
 import aiosmtplib
-from aiosmtplib import SMTPResponse
 
 from pyrelay.config import HostPort, Settings, TLSLevel
 from pyrelay.errors import DeliveryError
+from pyrelay.transaction import (
+    BadCommand,
+    ConnectionLost,
+    Garbled,
+    MessageBody,
+    Replies,
+    Reply,
+    ReplyTimeout,
+    Transaction,
+    command_arg,
+    run_transaction,
+)
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 
@@ -93,15 +104,6 @@ class Session:
     client: aiosmtplib.SMTP
     relay: str
     dirty: bool = False
-
-
-class MessageBody(Protocol):
-    """A queued message in wire form, sent after ``DATA`` without holding all of it."""
-
-    @property
-    def size(self) -> int: ...
-
-    def chunks(self) -> AsyncIterator[bytes]: ...
 
 
 class InMemoryBody:
@@ -353,96 +355,158 @@ class Upstream:
         smtputf8: bool = False,
         eightbit: bool = False,
     ) -> list[RecipientResult]:
-        """MAIL, RCPT…, DATA on an open session.  Raises ``DeliveryError`` when the connection
-        fails (the caller defers every recipient without a result and drops the session)."""
+        """MAIL, RCPT…, DATA on an open session, pipelined when the upstream offers it.
+        Raises ``DeliveryError`` when the connection fails (the caller defers every recipient
+        without a result and drops the session)."""
         client = session.client
         relay = session.relay
-        stage = "MAIL FROM"
-        try:
-            if session.dirty:
-                await client.rset()
-                session.dirty = False
-            session.dirty = True
-            options: list[str] = []
-            if client.supports_extension("size"):
-                options.append(f"SIZE={message.size}")
-            if eightbit and client.supports_extension("8bitmime"):
-                options.append("BODY=8BITMIME")
-            if smtputf8:
-                if not client.supports_extension("smtputf8"):
-                    return [
-                        RecipientResult(
-                            r,
-                            Outcome.BOUNCED,
-                            "5.6.7",
-                            f"SMTPUTF8 is required, but was not offered by host {relay}",
-                        )
-                        for r in recipients
-                    ]
-                options.append("SMTPUTF8")
-            try:
-                await client.mail(
-                    sender, options=options, encoding="utf-8" if smtputf8 else "ascii"
-                )
-            except aiosmtplib.SMTPResponseException as exc:
-                _check_reply(client, relay, "MAIL FROM", exc)
-                if exc.code == 421:
-                    # The server is closing this connection (often an idle one we kept open):
-                    # a connection failure, so the scheduler retries once on a fresh one.
-                    client.close()
-                    raise DeliveryError(
-                        dsn_of(exc.code, exc.message),
-                        f"host {relay} said: 421 {one_line(exc.message)} "
-                        "(in reply to MAIL FROM command)",
-                        kind="connection",
-                    ) from None
-                return _all(recipients, exc.code, exc.message, relay, "MAIL FROM")
-            except ValueError as exc:
-                # aiosmtplib refuses control characters / unencodable text before sending
-                # anything; retrying cannot help, so bounce instead of failing forever.
-                reason = f"bad sender address syntax: {one_line(str(exc))}"
-                return [RecipientResult(r, Outcome.BOUNCED, "5.1.7", reason) for r in recipients]
-            results: dict[str, RecipientResult] = {}
-            accepted: list[str] = []
-            stage = "RCPT TO"
-            for rcpt in recipients:
-                try:
-                    await client.rcpt(rcpt, encoding="utf-8" if smtputf8 else "ascii")
-                except aiosmtplib.SMTPResponseException as exc:
-                    _check_reply(client, relay, "RCPT TO", exc)
-                    results[rcpt] = _result(rcpt, exc.code, exc.message, relay, "RCPT TO")
-                except ValueError as exc:
-                    reason = f"bad recipient address syntax: {one_line(str(exc))}"
-                    results[rcpt] = RecipientResult(rcpt, Outcome.BOUNCED, "5.1.3", reason)
-                else:
-                    accepted.append(rcpt)
-            if accepted:
-                stage = "DATA"
-                try:
-                    reply = await send_wire_data(
-                        client, message, timeout=self.settings.upstream_data_timeout
+        transport = client.transport
+        if transport is None or transport.is_closing():
+            raise DeliveryError("4.4.2", f"lost connection with {relay}", kind="connection")
+        options: list[bytes] = []
+        if client.supports_extension("size"):
+            options.append(b"SIZE=%d" % message.size)
+        if eightbit and client.supports_extension("8bitmime"):
+            options.append(b"BODY=8BITMIME")
+        if smtputf8:
+            if not client.supports_extension("smtputf8"):
+                return [
+                    RecipientResult(
+                        r,
+                        Outcome.BOUNCED,
+                        "5.6.7",
+                        f"SMTPUTF8 is required, but was not offered by host {relay}",
                     )
-                except aiosmtplib.SMTPResponseException as exc:
-                    _check_reply(client, relay, "DATA", exc)
-                    for rcpt in accepted:
-                        results[rcpt] = _result(rcpt, exc.code, exc.message, relay, "end of DATA")
-                else:
-                    session.dirty = False
-                    for rcpt in accepted:
-                        results[rcpt] = RecipientResult(
-                            rcpt,
-                            Outcome.SENT,
-                            dsn_of(reply.code, reply.message),
-                            f"{reply.code} {one_line(reply.message)}",
-                        )
-            return [results[r] for r in recipients]
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
-            client.close()
-            timed_out = isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError)
-            what = "conversation with {} timed out" if timed_out else "lost connection with {}"
+                    for r in recipients
+                ]
+            options.append(b"SMTPUTF8")
+        encoding = "utf-8" if smtputf8 else "ascii"
+        try:
+            mail = b" ".join([b"MAIL FROM:" + command_arg(sender, encoding), *options])
+        except BadCommand as exc:
+            # Retrying cannot help: bounce instead of failing forever.
+            reason = f"bad sender address syntax: {exc}"
+            return [RecipientResult(r, Outcome.BOUNCED, "5.1.7", reason) for r in recipients]
+        results: dict[str, RecipientResult] = {}
+        valid: list[tuple[str, bytes]] = []
+        for rcpt in recipients:
+            try:
+                valid.append((rcpt, command_arg(rcpt, encoding)))
+            except BadCommand as exc:
+                reason = f"bad recipient address syntax: {exc}"
+                results[rcpt] = RecipientResult(rcpt, Outcome.BOUNCED, "5.1.3", reason)
+        if valid:
+            replies = await self._exchange(session, transport, mail, valid, message)
+            results.update(self._map(session, replies, [r for r, _ in valid]))
+        return [results[r] for r in recipients]
+
+    async def _exchange(
+        self,
+        session: Session,
+        transport: asyncio.BaseTransport,
+        mail: bytes,
+        recipients: list[tuple[str, bytes]],
+        message: MessageBody,
+    ) -> Replies:
+        s = self.settings
+        tx = Transaction(
+            cast(asyncio.Transport, transport),
+            s.upstream_command_timeout,
+            data_timeout=s.upstream_data_timeout,
+        )
+        dirty, session.dirty = session.dirty, True
+        try:
+            async with tx:
+                return await run_transaction(
+                    tx,
+                    mail,
+                    recipients,
+                    message,
+                    pipelining=session.client.supports_extension("pipelining"),
+                    reset_first=dirty,
+                )
+        except Garbled as exc:
+            session.client.close()
             raise DeliveryError(
-                "4.4.2", f"{what.format(relay)} while sending {stage}", kind="connection"
+                "4.5.0",
+                f"conversation with {session.relay}: protocol error while sending {tx.stage}: "
+                f"{one_line(exc.text)[:200]}",
+                kind="protocol",
             ) from None
+        except (ConnectionLost, ReplyTimeout, OSError) as exc:
+            session.client.close()
+            what = (
+                "conversation with {} timed out"
+                if isinstance(exc, TimeoutError)
+                else ("lost connection with {}")
+            )
+            raise DeliveryError(
+                "4.4.2", f"{what.format(session.relay)} while sending {tx.stage}", kind="connection"
+            ) from None
+
+    def _map(
+        self, session: Session, replies: Replies, recipients: list[str]
+    ) -> dict[str, RecipientResult]:
+        """Per-recipient outcomes from the replies of one transaction."""
+        relay = session.relay
+        mail = replies.mail
+        self._check(session, mail, "MAIL FROM")
+        if not mail.ok:
+            if mail.code == 421:
+                # The server is closing this connection (often an idle one we kept open): a
+                # connection failure, so the agent retries once on a fresh one.
+                session.client.close()
+                raise DeliveryError(
+                    dsn_of(mail.code, mail.text),
+                    f"host {relay} said: 421 {one_line(mail.text)} (in reply to MAIL FROM command)",
+                    kind="connection",
+                )
+            return {r: _result(r, mail.code, mail.text, relay, "MAIL FROM") for r in recipients}
+        results: dict[str, RecipientResult] = {}
+        accepted: list[str] = []
+        for rcpt in recipients:
+            reply = replies.rcpts.get(rcpt)
+            if reply is None:
+                continue
+            self._check(session, reply, "RCPT TO")
+            if reply.ok:
+                accepted.append(rcpt)
+            else:
+                results[rcpt] = _result(rcpt, reply.code, reply.text, relay, "RCPT TO")
+        data, final = replies.data, replies.final
+        if data is not None and data.code != 354:
+            self._check(session, data, "DATA")
+            for rcpt in accepted:
+                results[rcpt] = _result(rcpt, data.code, data.text, relay, "DATA")
+        elif final is not None:
+            self._check(session, final, "end of DATA")
+            for rcpt in accepted:
+                if final.ok:
+                    results[rcpt] = RecipientResult(
+                        rcpt, Outcome.SENT, dsn_of(final.code, final.text), one_line(str(final))
+                    )
+                else:
+                    results[rcpt] = _result(rcpt, final.code, final.text, relay, "end of DATA")
+            if final.ok:
+                session.dirty = False
+        if any(r.code == 421 for r in (mail, *replies.rcpts.values(), data, final) if r):
+            session.client.close()  # the server is closing: never reuse this connection
+        return results
+
+    @staticmethod
+    def _check(session: Session, reply: Reply, stage: str) -> None:
+        """A reply that is not SMTP at all leaves the conversation out of step: drop the
+        connection and defer every pending recipient rather than pair later replies with the
+        wrong command."""
+        if 200 <= reply.code < 600:
+            return
+        session.client.close()
+        raise DeliveryError(
+            "4.5.0",
+            f"conversation with {session.relay}: protocol error while sending {stage}: "
+            f"{one_line(reply.text)[:200]}",
+            kind="protocol",
+        )
 
     async def close(self, session: Session) -> None:
         try:
@@ -454,31 +518,9 @@ class Upstream:
             session.client.close()
 
 
-def _check_reply(
-    client: aiosmtplib.SMTP, relay: str, stage: str, exc: aiosmtplib.SMTPResponseException
-) -> None:
-    """A reply that is not SMTP at all leaves the conversation out of step: drop the connection
-    and defer every pending recipient rather than pair later replies with the wrong command."""
-    if 200 <= exc.code < 600:
-        return
-    client.close()
-    raise DeliveryError(
-        "4.5.0",
-        f"conversation with {relay}: protocol error while sending {stage}: "
-        f"{one_line(exc.message)[:200]}",
-        kind="protocol",
-    )
-
-
 def _result(rcpt: str, code: int, message: str, relay: str, stage: str) -> RecipientResult:
     text = f"host {relay} said: {code} {one_line(message)} (in reply to {stage} command)"
     return RecipientResult(rcpt, outcome_of(code), dsn_of(code, message), text)
-
-
-def _all(
-    recipients: Sequence[str], code: int, message: str, relay: str, stage: str
-) -> list[RecipientResult]:
-    return [_result(r, code, message, relay, stage) for r in recipients]
 
 
 async def _ehlo(client: aiosmtplib.SMTP, relay: str) -> None:
@@ -521,45 +563,3 @@ def _cipher(client: aiosmtplib.SMTP) -> str:
         cipher = obj.cipher()
         return f"{obj.version()}, {cipher[0] if cipher else '?'}"
     return "TLS"
-
-
-async def send_wire_data(
-    client: aiosmtplib.SMTP, message: MessageBody, *, timeout: float
-) -> SMTPResponse:
-    """DATA with a message already in wire form (CRLF, dot-stuffed, validated at receipt),
-    streamed chunk by chunk with flow control, so that a large message is never in memory.
-
-    aiosmtplib's ``data()`` takes the whole message and re-normalises line endings and
-    dot-stuffs it with two regex passes; the spool keeps the wire form so this seam writes it
-    as it is.  It relies on aiosmtplib's protocol internals (``_command_lock``,
-    ``_response_pending``, ``_drain_helper``), pinned in pyproject.toml and guarded by
-    tests/test_library_contracts.py.
-    """
-    protocol = client.protocol
-    if protocol is None or protocol._command_lock is None:
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    try:
-        async with protocol._command_lock:
-            protocol._response_pending = True
-            protocol.write(b"DATA\r\n")
-            start = await protocol.read_response(timeout=timeout)
-            if start.code != 354:
-                raise aiosmtplib.SMTPDataError(start.code, start.message)
-            protocol._response_pending = True
-            async for chunk in message.chunks():
-                protocol.write(chunk)
-                try:
-                    # Wait while the transport's buffer is above its high-water mark.
-                    await asyncio.wait_for(protocol._drain_helper(), timeout)
-                except TimeoutError:
-                    raise aiosmtplib.SMTPTimeoutError("Timed out sending the message") from None
-                except ConnectionError:
-                    raise aiosmtplib.SMTPServerDisconnected("Connection lost") from None
-            protocol.write(b".\r\n")
-            reply = await protocol.read_response(timeout=timeout)
-            if reply.code != 250:
-                raise aiosmtplib.SMTPDataError(reply.code, reply.message)
-            return reply
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
-        client.close()
-        raise

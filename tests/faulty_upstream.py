@@ -44,6 +44,7 @@ class FaultUpstream:
     starttls_reply: str = "220 2.0.0 Ready to start TLS"
     offer_auth: bool = True
     offer_smtputf8: bool = True
+    offer_pipelining: bool = True
     auth_reply: str = "235 2.7.0 Authentication successful"
     replies: dict[str, str] = field(default_factory=dict)  # verb ("MAIL", "DATA", "EOD") -> reply
     rcpt_replies: dict[str, str] = field(default_factory=dict)  # lower-case address -> reply
@@ -55,6 +56,7 @@ class FaultUpstream:
     connections: int = 0
     commands: list[tuple[bool, str]] = field(default_factory=list)  # (tls, line)
     clear_bytes: bytearray = field(default_factory=bytearray)
+    reads: list[bytes] = field(default_factory=list)  # every chunk as read (after TLS)
     auth_lines: list[tuple[bool, bytes]] = field(default_factory=list)
     messages: list[FaultMessage] = field(default_factory=list)
     _server: asyncio.Server | None = None
@@ -130,6 +132,7 @@ class _Conversation:
         chunk = await self.reader.read(65536)
         if not chunk:
             raise _Drop
+        self.up.reads.append(chunk)
         if not self.tls:
             self.up.clear_bytes += chunk
         self.buf += chunk
@@ -179,7 +182,9 @@ class _Conversation:
             if "EHLO" in up.replies:
                 await self._say(up.replies["EHLO"])
                 return True
-            lines = [up.hostname, "PIPELINING", "SIZE 10240000", "8BITMIME"]
+            lines = [up.hostname, "SIZE 10240000", "8BITMIME"]
+            if up.offer_pipelining:
+                lines.insert(1, "PIPELINING")
             if up.offer_smtputf8:
                 lines.append("SMTPUTF8")
             if up.offer_starttls and up.tls_context is not None and not self.tls:

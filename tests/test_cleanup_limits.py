@@ -177,7 +177,9 @@ async def test_large_message_streams_through_intact(upstream: Upstream, make_rel
         await relay.asend("a@example.org", ["b@dest.test"], message)
         await wait_until(lambda: len(upstream.state.messages) == 1, 20, "delivery")
         spool = relay.relay.spool
-        assert list(spool.ids("incoming")) == [] and list(spool.ids("active")) == []
+        await wait_until(
+            lambda: list(spool.ids("incoming")) == list(spool.ids("active")) == [], what="removal"
+        )
     got = upstream.state.messages[0].content
     assert got.endswith(body)
     assert b"From: <a@example.org>" in got  # masqueraded in a streamed message too

@@ -17,8 +17,8 @@ import asyncio
 import collections
 import enum
 import importlib.metadata
-import inspect
 import os
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -32,15 +32,14 @@ import aiosmtpd
 import aiosmtplib
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
-from aiosmtplib.protocol import FlowControlMixin, SMTPProtocol
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import relay_settings
-from pyrelay.delivery import InMemoryBody, send_wire_data
 from pyrelay.metrics import Metrics
 from pyrelay.server import Listener, RelaySMTP
 from pyrelay.spool import Spool
+from pyrelay.transaction import ConnectionLost, Transaction, run_transaction
 
 # --------------------------------------------------------------------------------------------
 # aiosmtpd: RelaySMTP._init_from (pyrelay/server.py)
@@ -383,7 +382,7 @@ def test_fast_address_parse_agrees_on_generated_paths(arg: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# aiosmtplib: SMTPProtocol internals (pyrelay/delivery.py send_wire_data)
+# aiosmtplib: the transport it opens, used by pyrelay/transaction.py
 # --------------------------------------------------------------------------------------------
 
 
@@ -411,113 +410,129 @@ async def smtpd() -> AsyncIterator[tuple[int, _Recorder]]:
         await asyncio.wait_for(server.wait_closed(), 5)
 
 
-def test_aiosmtplib_is_the_minor_send_wire_data_was_checked_against() -> None:
-    """pyrelay/delivery.py ``send_wire_data`` drives ``SMTPProtocol`` directly."""
+def test_aiosmtplib_is_the_minor_the_transaction_seam_was_checked_against() -> None:
+    """pyrelay/transaction.py takes the transport aiosmtplib opened (``SMTP.transport``, kept
+    current across STARTTLS) for one transaction and hands it back afterwards."""
     assert aiosmtplib.__version__.startswith("5.1."), (
-        f"aiosmtplib {aiosmtplib.__version__}: re-verify send_wire_data (pyrelay/delivery.py) "
-        "against this version's SMTPProtocol (execute_command, data), then update the pin"
+        f"aiosmtplib {aiosmtplib.__version__}: re-verify pyrelay/transaction.py's hand-over "
+        "of the transport (tests below), then widen the pin in pyproject.toml"
     )
 
 
-async def test_smtp_protocol_internals_on_a_connected_client(
-    smtpd: tuple[int, _Recorder],
-) -> None:
-    """pyrelay/delivery.py ``send_wire_data`` takes ``SMTP.protocol``, holds
-    ``_command_lock`` (an asyncio.Lock while connected), sets ``_response_pending`` before
-    writing, writes with ``write(bytes)`` and reads with ``read_response(timeout=)``; large
-    messages will stream with ``await protocol._drain_helper()`` (``FlowControlMixin``)."""
-    port, _ = smtpd
+class _Body:
+    """A message in many chunks, like ``SpoolBody`` reading a queue file."""
+
+    def __init__(self, line: bytes, count: int) -> None:
+        self.line, self.count = line, count
+
+    @property
+    def size(self) -> int:
+        return len(self.line) * self.count
+
+    async def chunks(self) -> Any:
+        for _ in range(self.count // 1000):
+            yield self.line * 1000
+
+
+async def _one_client(port: int, tls: ssl.SSLContext | None, pipelining: bool) -> list[str]:
+    """Connect with aiosmtplib, run two transactions through the seam, then use aiosmtplib
+    again on the same connection.  Returns what happened, for the assertions."""
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, use_tls=False, start_tls=False)
     await client.connect()
-    try:
-        protocol = client.protocol
-        assert isinstance(protocol, SMTPProtocol)
-        assert isinstance(protocol, FlowControlMixin)
-        assert isinstance(protocol._command_lock, asyncio.Lock)
-        assert protocol._response_pending is False  # between commands
-        assert "timeout" in inspect.signature(protocol.read_response).parameters
-        assert inspect.iscoroutinefunction(protocol._drain_helper)
-
-        # The wire sender's own command, by hand: what send_wire_data does.
-        async with protocol._command_lock:
-            protocol._response_pending = True
-            protocol.write(b"NOOP\r\n")
-            reply = await protocol.read_response(timeout=5)
-        assert (reply.code, protocol._response_pending) == (250, False)
-
-        # _response_pending decides whether arriving bytes are a response or stray data.
-        protocol.data_received(b"250 stray\r\n")  # not pending: dropped
-        protocol._response_pending = True
-        protocol.data_received(b"250 expected\r\n")
-        assert (await protocol.read_response(timeout=5)).message == "expected"
-        assert (await client.noop()).code == 250  # the stray line was not taken as a reply
-
-        # _drain_helper: returns at once unless the transport paused writing, then waits.
-        await asyncio.wait_for(protocol._drain_helper(), 1)
-        protocol.pause_writing()
-        drain = asyncio.ensure_future(protocol._drain_helper())
-        await asyncio.sleep(0.05)
-        assert not drain.done()
-        protocol.resume_writing()
-        await asyncio.wait_for(drain, 1)
-    finally:
-        await client.quit()
+    await client.ehlo()
+    if tls is not None:
+        await client.starttls(tls_context=tls)
+        await client.ehlo()
+    seen = [f"tls={client.get_transport_info('sslcontext') is not None}"]
+    body = _Body(b"x" * 62 + b"\r\n", 200_000)  # 13 MB: the write buffer fills up
+    for reset in (False, True):
+        transport = client.transport
+        # Duck-typed: uvloop's transports do not derive from asyncio's classes.
+        assert transport is not None and hasattr(transport, "set_protocol")
+        tx = Transaction(transport, 10.0)  # type: ignore[arg-type]
+        async with tx:
+            replies = await run_transaction(
+                tx,
+                b"MAIL FROM:<a@example.org>",
+                [("b@example.net", b"<b@example.net>")],
+                body,
+                pipelining=pipelining,
+                reset_first=reset,
+            )
+        assert replies.final is not None
+        seen.append(str(replies.final))
+    # aiosmtplib owns the connection again and works.
+    seen.append(str((await client.noop()).code))
+    await client.quit()
+    return seen
 
 
-async def test_smtp_protocol_internals_on_a_disconnected_client(
-    smtpd: tuple[int, _Recorder],
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "starttls"])
+async def test_transaction_seam_on_aiosmtplib_transports(
+    ca: Any, loop_kind: str, pipelining: bool, tls: bool
 ) -> None:
-    """pyrelay/delivery.py ``send_wire_data`` treats ``protocol is None`` or
-    ``_command_lock is None`` as disconnected; ``write`` and ``_drain_helper`` must fail
-    rather than hang once the connection is gone."""
-    port, _ = smtpd
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, use_tls=False, start_tls=False)
-    assert client.protocol is None
-    with pytest.raises(aiosmtplib.SMTPServerDisconnected):
-        await send_wire_data(client, InMemoryBody(b"Subject: x\r\n\r\nx\r\n"), timeout=5)
-
-    await client.connect()
-    protocol = client.protocol
-    assert protocol is not None
-    client.close()
-    for _ in range(100):
-        if protocol._command_lock is None:
-            break
-        await asyncio.sleep(0.01)
-    assert protocol._command_lock is None
-    with pytest.raises(aiosmtplib.SMTPServerDisconnected):
-        protocol.write(b"NOOP\r\n")
-    with pytest.raises(aiosmtplib.SMTPServerDisconnected):
-        await protocol.read_response(timeout=1)
-    with pytest.raises(ConnectionResetError):
-        await protocol._drain_helper()
-    with pytest.raises(aiosmtplib.SMTPServerDisconnected):
-        await send_wire_data(client, InMemoryBody(b"Subject: x\r\n\r\nx\r\n"), timeout=5)
-
-
-async def test_send_wire_data_delivers_the_exact_bytes(smtpd: tuple[int, _Recorder]) -> None:
-    """pyrelay/delivery.py ``send_wire_data`` end to end against aiosmtpd: the server
-    receives exactly the message (dot-stuffing undone once, CRLFs and 8-bit bytes as they
-    were), and the client can go on with the next transaction on the same connection."""
-    port, recorder = smtpd
-    message = (
-        b"From: <a@example.org>\r\nSubject: contract\r\n\r\n"
-        b"..a line that starts with a dot\r\n. \r\n\xc3\xa9t\xc3\xa9\r\nlast line\r\n"
+    """``transport.set_protocol`` works on aiosmtplib's plain and STARTTLS transports under both
+    event loops the relay runs on; flow control reaches the seam's protocol; afterwards the
+    aiosmtplib client works on the same connection."""
+    recorder = _Recorder()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: SMTP(recorder, hostname="up.test", tls_context=server_ctx if tls else None),
+        "127.0.0.1",
+        0,
     )
-    expected = message.replace(b"\r\n..", b"\r\n.").replace(b"\r\n. \r\n", b"\r\n \r\n")
+    port = server.sockets[0].getsockname()[1]
+    ctx = client_ctx if tls else None
+    try:
+        if loop_kind == "uvloop":
+            import uvloop
+
+            seen = await asyncio.to_thread(uvloop.run, _one_client(port, ctx, pipelining))
+        else:
+            seen = await _one_client(port, ctx, pipelining)
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 5)
+    queued = "250 2.0.0 Ok: queued as C1"
+    assert seen == [f"tls={tls}", queued, queued, "250"]
+    assert [len(c) for c in recorder.contents] == [12_800_000, 12_800_000]
+
+
+async def test_connection_lost_during_the_seam_reaches_aiosmtplib() -> None:
+    """When the upstream drops the connection while the seam owns it, aiosmtplib learns it too
+    (``is_connected`` false), so the session is never reused."""
+
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 up.test\r\n")
+        await reader.readline()
+        writer.write(b"250 up.test\r\n")
+        await reader.readline()  # MAIL
+        writer.close()
+
+    server = await asyncio.start_server(drop, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, use_tls=False, start_tls=False)
     await client.connect()
-    try:
-        for _ in range(2):
-            await client.ehlo()
-            await client.mail("a@example.org")
-            await client.rcpt("b@example.net")
-            reply = await send_wire_data(client, InMemoryBody(message), timeout=5)
-            assert (reply.code, reply.message) == (250, "2.0.0 Ok: queued as C1")
-            await client.rset()
-    finally:
-        await client.quit()
-    assert recorder.contents == [expected, expected]
+    await client.ehlo()
+    tx = Transaction(client.transport, 5.0)  # type: ignore[arg-type]
+    with pytest.raises(ConnectionLost):
+        async with tx:
+            await run_transaction(
+                tx,
+                b"MAIL FROM:<a@example.org>",
+                [("b@example.net", b"<b@example.net>")],
+                _Body(b"x\r\n", 1000),
+                pipelining=False,
+                reset_first=False,
+            )
+    assert not client.is_connected
+    server.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -578,38 +593,3 @@ def test_value_class_swap_makes_metrics_count_across_processes(tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr
     assert "pyrelay_messages_received_total 3.0" in proc.stdout.splitlines(), proc.stdout
     assert sorted(p.name for p in (tmp_path / "metrics").iterdir())[0].startswith("counter_")
-
-
-class _ChunkedBody:
-    """A large message in many chunks, like ``SpoolBody`` reading a queue file."""
-
-    def __init__(self, line: bytes, count: int) -> None:
-        self.line, self.count = line, count
-
-    @property
-    def size(self) -> int:
-        return len(self.line) * self.count
-
-    async def chunks(self) -> Any:
-        for _ in range(self.count // 1000):
-            yield self.line * 1000
-
-
-async def test_send_wire_data_streams_a_large_message_with_flow_control(
-    smtpd: tuple[int, _Recorder],
-) -> None:
-    """12 MB in 64 KB writes: every write waits on ``_drain_helper`` while the transport is
-    paused, so the whole message never sits in the transport's buffer."""
-    port, recorder = smtpd
-    body = _ChunkedBody(b"x" * 62 + b"\r\n", 200_000)
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, use_tls=False, start_tls=False)
-    await client.connect()
-    try:
-        await client.ehlo()
-        await client.mail("a@example.org")
-        await client.rcpt("b@example.net")
-        reply = await send_wire_data(client, body, timeout=30)
-        assert reply.code == 250
-    finally:
-        await client.quit()
-    assert len(recorder.contents[-1]) == body.size
