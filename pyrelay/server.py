@@ -518,8 +518,12 @@ class RelaySMTP(SMTP):
         log.info("authenticated", client=ip, sasl_method=mechanism, sasl_username=user.name)
         return AuthResult(success=True, auth_data=user, message=AUTH_OK)
 
-    async def push(self, status: str) -> None:  # type: ignore[override]
-        await super().push(status if self._in_ehlo else with_enhanced_status(status))
+    async def push(self, status: str | bytes) -> None:
+        # AUTH challenges ("334 <base64>") come as bytes and carry no status code.
+        if isinstance(status, bytes):
+            await super().push(status)
+        else:
+            await super().push(status if self._in_ehlo else with_enhanced_status(status))
 
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_ehlo = True
