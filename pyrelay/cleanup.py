@@ -40,6 +40,13 @@ class Sender:
     client_ip: str
     helo: str
     extended: bool
+    tls: bool = False
+    user: str = ""  # the SMTP AUTH name, if the client logged in
+
+    @property
+    def protocol_suffix(self) -> str:
+        """Postfix's ``with ESMTPS``/``ESMTPA``/``ESMTPSA``: S for TLS, A for AUTH."""
+        return ("S" if self.tls else "") + ("A" if self.user else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +95,8 @@ class Cleanup:
                 ("UTF8SMTP" if smtputf8_requested or self.utf8_envelope else "ESMTP")
                 if who.extended
                 else "SMTP"
-            ),
+            )
+            + who.protocol_suffix,
             now=self.now,
         )
         self.writer: EntryWriter = spool.writer(self.envelope)

@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import AliasChoices
 
 from pyrelay.cmdutil import Subparsers, add_command, add_json_flag, error, print_json
-from pyrelay.config import HostPort, Settings, load_settings
+from pyrelay.config import HostPort, ListenAddress, Settings, load_settings
 from pyrelay.constants import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 _QUEUED_AS = re.compile(r"queued as (\S+)")
@@ -59,6 +59,10 @@ def register(sub: Subparsers) -> None:
     from pyrelay import queue_commands
 
     queue_commands.register(sub)
+
+    from pyrelay import user_commands
+
+    user_commands.register(sub)
 
     p = add_command(
         sub,
@@ -106,7 +110,7 @@ def _text(reply: bytes | str) -> str:
     return reply if isinstance(reply, str) else reply.decode(errors="replace")
 
 
-def _local(address: HostPort) -> str:
+def _local(address: HostPort | ListenAddress) -> str:
     """Where a client on this host reaches a listener bound to ``address``."""
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(address.host, address.host)
 
@@ -115,7 +119,8 @@ def _local(address: HostPort) -> str:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    values = load_settings().dump()
+    settings = load_settings()
+    values = settings.dump()
     if args.names:
         canonical = _canonical_names()
         selected: dict[str, str] = {}
@@ -135,11 +140,24 @@ def cmd_config(args: argparse.Namespace) -> int:
                 EXIT_USAGE,
             )
         values = selected
+    from pyrelay.smtpd_tls import certificate_info, tls_wanted
+
+    cert = None
+    if tls_wanted(settings) and not args.names:
+        info, problem = certificate_info(settings)
+        cert = (
+            {"path": str(info.path), "subject": info.subject, "sha256": info.sha256}
+            | {"not_after": f"{info.not_after:%Y-%m-%dT%H:%M:%SZ}"}
+            if info is not None
+            else {"problem": problem}
+        )
     if getattr(args, "json", False):
-        print_json(values)
+        print_json(values if cert is None else values | {"listener_certificate": cert})
     else:
         for key, value in values.items():
             print(f"{key} = {value}")
+        if cert is not None:
+            print("# listener certificate: " + ", ".join(f"{k} {v}" for k, v in cert.items()))
     return EXIT_OK
 
 
@@ -282,11 +300,13 @@ def cmd_send_test(args: argparse.Namespace) -> int:
     from email.utils import formatdate, make_msgid
 
     host, port, sender = args.host, args.port, args.sender
+    implicit_tls = False
     if host is None or port is None or sender is None:
         settings = load_settings()
         listen = settings.listen[0]
         host = host or _local(listen)
         port = port or listen.port
+        implicit_tls = listen.tls and port == listen.port
         domains = settings.allowed_sender_domains
         sender = sender or f"postmaster@{domains[0] if domains else settings.hostname}"
     if not port:
@@ -315,8 +335,12 @@ def cmd_send_test(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
     try:
-        with smtplib.SMTP(host, port, local_hostname="localhost", timeout=args.timeout) as smtp:
+        with _client(host, port, args.timeout, implicit_tls) as smtp:
             smtp.ehlo_or_helo_if_needed()
+            if not implicit_tls and smtp.has_extn("starttls"):
+                # Like an app with TLS on: opportunistic, the certificate is not checked.
+                smtp.starttls(context=_unverified_context())
+                smtp.ehlo()
             code, text = smtp.mail(sender)
             if code != 250:
                 return refused("MAIL FROM", code, text)
@@ -354,26 +378,65 @@ def cmd_health(args: argparse.Namespace) -> int:
         if address.port == 0:
             continue  # an ephemeral port (tests) cannot be found from outside
         host = _local(address)
-        problem = _smtp_problem(host, address.port, args.timeout)
-        where = str(HostPort(host, address.port))
+        problem = _smtp_problem(host, address.port, args.timeout, address.tls)
+        where = str(ListenAddress(host, address.port, address.tls))
         checked.append(where)
         if problem:
             problems.append(f"listener {where}: {problem}")
     problem = _spool_problem(settings.spool_dir)
     if problem:
         problems.append(f"spool {settings.spool_dir}: {problem}")
+    cert = _certificate_note(settings)
     if problems:
-        print("unhealthy: " + "; ".join(problems))
+        print("unhealthy: " + "; ".join(problems) + cert)
         return EXIT_FAILURE
-    print(f"healthy: SMTP answers on {', '.join(checked)}; spool {settings.spool_dir} writable")
+    print(
+        f"healthy: SMTP answers on {', '.join(checked)}; spool {settings.spool_dir} writable" + cert
+    )
     return EXIT_OK
 
 
-def _smtp_problem(host: str, port: int, timeout: float) -> str:
+def _certificate_note(settings: Settings) -> str:
+    """``; certificate ...`` for the health line (with a warning 14 days before expiry)."""
+    from pyrelay.smtpd_tls import EXPIRY_WARNING, certificate_info, tls_wanted
+
+    if not tls_wanted(settings):
+        return ""
+    info, problem = certificate_info(settings)
+    if info is None:
+        return f"; certificate: {problem}"
+    note = f"; certificate {info.describe()}"
+    left = info.expires_in()
+    if left <= EXPIRY_WARNING:
+        when = "EXPIRED" if left.total_seconds() <= 0 else f"expires in {left.days} days"
+        note += f"; WARNING: the listener certificate {when}: renew {info.path}"
+    return note
+
+
+def _unverified_context() -> Any:
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _client(host: str, port: int, timeout: float, implicit_tls: bool) -> Any:
+    import smtplib
+
+    if implicit_tls:
+        return smtplib.SMTP_SSL(
+            host, port, local_hostname="localhost", timeout=timeout, context=_unverified_context()
+        )
+    return smtplib.SMTP(host, port, local_hostname="localhost", timeout=timeout)
+
+
+def _smtp_problem(host: str, port: int, timeout: float, implicit_tls: bool = False) -> str:
     import smtplib
 
     try:
-        with smtplib.SMTP(host, port, local_hostname="localhost", timeout=timeout) as smtp:
+        with _client(host, port, timeout, implicit_tls) as smtp:
             code, text = smtp.ehlo()
             if code != 250:
                 return f"EHLO answered {code} {_text(text)}"

@@ -54,6 +54,14 @@ class TLSLevel(StrEnum):
         return self in (TLSLevel.VERIFY, TLSLevel.SECURE)
 
 
+class SmtpdTLSLevel(StrEnum):
+    """Postfix ``smtpd_tls_security_level`` for the listener: STARTTLS off, offered, required."""
+
+    NONE = "none"
+    MAY = "may"
+    ENCRYPT = "encrypt"
+
+
 class LogFormat(StrEnum):
     CONSOLE = "console"
     JSON = "json"
@@ -65,6 +73,17 @@ class HostPort(NamedTuple):
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class ListenAddress(NamedTuple):
+    """A ``PYRELAY_LISTEN`` entry; ``tls://host:port`` is an implicit-TLS listener (RFC 8314)."""
+
+    host: str
+    port: int
+    tls: bool = False
+
+    def __str__(self) -> str:
+        return ("tls://" if self.tls else "") + str(HostPort(self.host, self.port))
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.IGNORECASE)
@@ -231,9 +250,34 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("MESSAGE_SIZE_LIMIT", "POSTFIX_message_size_limit"),
     )
 
-    listen: Annotated[tuple[HostPort, ...], NoDecode] = Field(
+    listen: Annotated[tuple[ListenAddress, ...], NoDecode] = Field(
         default="0.0.0.0:25 0.0.0.0:587",  # type: ignore[arg-type]
         validation_alias=AliasChoices("PYRELAY_LISTEN"),
+    )
+    # The listener's TLS and AUTH (Postfix smtpd_tls_*, smtpd_sasl_*; boky's SMTPD_SASL_USERS).
+    # None until resolved: `may` with a certificate, otherwise `none`.
+    smtpd_tls_level: SmtpdTLSLevel | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "PYRELAY_SMTPD_TLS_LEVEL", "POSTFIX_smtpd_tls_security_level"
+        ),
+    )
+    tls_cert_file: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("PYRELAY_TLS_CERT_FILE", "POSTFIX_smtpd_tls_cert_file"),
+    )
+    tls_key_file: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("PYRELAY_TLS_KEY_FILE", "POSTFIX_smtpd_tls_key_file"),
+    )
+    smtpd_sasl_users: SecretStr = Field(
+        default=SecretStr(""), validation_alias=AliasChoices("SMTPD_SASL_USERS")
+    )
+    smtpd_sasl_users_file: Path | None = Field(
+        default=None, validation_alias=AliasChoices("SMTPD_SASL_USERS_FILE")
+    )
+    smtpd_users_file: Path | None = Field(
+        default=None, validation_alias=AliasChoices("PYRELAY_SMTPD_USERS_FILE")
     )
     spool_dir: Path = Field(
         default=Path("/var/spool/pyrelay"), validation_alias=AliasChoices("PYRELAY_SPOOL_DIR")
@@ -346,16 +390,24 @@ class Settings(BaseSettings):
 
     @field_validator("listen", mode="before")
     @classmethod
-    def _listen(cls, value: object) -> tuple[HostPort, ...]:
+    def _listen(cls, value: object) -> tuple[ListenAddress, ...]:
         items = split_list(value)
         if not items:
             raise ValueError("at least one host:port is required")
-        return tuple(
-            item
-            if isinstance(item, HostPort)
-            else parse_host_port(item, 25, what="address", allow_zero=True)
-            for item in items
-        )
+        out = []
+        for item in items:
+            if isinstance(item, ListenAddress):
+                out.append(item)
+                continue
+            text = str(item)
+            tls = text.lower().startswith("tls://")
+            if tls:
+                text = text[len("tls://") :]
+            elif "://" in text:
+                raise ValueError(f"invalid address {text!r}: only tls:// may prefix an address")
+            host, port = parse_host_port(text, 465 if tls else 25, what="address", allow_zero=True)
+            out.append(ListenAddress(host, port, tls))
+        return tuple(out)
 
     @field_validator("allowed_sender_domains", mode="before")
     @classmethod
@@ -405,7 +457,7 @@ class Settings(BaseSettings):
     def _duration(cls, value: object) -> float:
         return parse_duration(value)
 
-    @field_validator("tls_level", "log_format", mode="before")
+    @field_validator("tls_level", "log_format", "smtpd_tls_level", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
@@ -462,6 +514,24 @@ class Settings(BaseSettings):
                     f"RELAYHOST_{name.upper()}_FILE: cannot read {path}: {exc.strerror}"
                 ) from None
             object.__setattr__(self, f"relayhost_{name}", SecretStr(secret))
+        if self.smtpd_sasl_users_file is not None:
+            if self.smtpd_sasl_users.get_secret_value():
+                raise ValueError(
+                    "SMTPD_SASL_USERS_FILE: set SMTPD_SASL_USERS or SMTPD_SASL_USERS_FILE, not both"
+                )
+            try:
+                users = self.smtpd_sasl_users_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(
+                    f"SMTPD_SASL_USERS_FILE: cannot read {self.smtpd_sasl_users_file}: "
+                    f"{exc.strerror}"
+                ) from None
+            object.__setattr__(self, "smtpd_sasl_users", SecretStr(users))
+        if self.tls_key_file is not None and self.tls_cert_file is None:
+            raise ValueError("PYRELAY_TLS_KEY_FILE: set PYRELAY_TLS_CERT_FILE too")
+        if self.smtpd_tls_level is None:
+            level = SmtpdTLSLevel.MAY if self.tls_cert_file is not None else SmtpdTLSLevel.NONE
+            object.__setattr__(self, "smtpd_tls_level", level)
         user = self.relayhost_username.get_secret_value()
         password = self.relayhost_password.get_secret_value()
         if bool(user) != bool(password):
@@ -483,6 +553,12 @@ class Settings(BaseSettings):
         return bool(self.relayhost_username.get_secret_value())
 
     @property
+    def smtpd_tls(self) -> SmtpdTLSLevel:
+        """The listener's STARTTLS level, resolved (``smtpd_tls_level`` is set after
+        validation; this spares callers the ``None`` check)."""
+        return self.smtpd_tls_level or SmtpdTLSLevel.NONE
+
+    @property
     def implicit_tls(self) -> bool:
         """Port 465 is SMTPS (implicit TLS); every other port uses STARTTLS."""
         return self.relayhost.port == 465
@@ -491,11 +567,11 @@ class Settings(BaseSettings):
         """The effective configuration keyed by environment variable, secrets masked."""
         out: dict[str, str] = {}
         for name in type(self).model_fields:
-            if name.endswith("_file") and name.startswith("relayhost_"):
+            if name.endswith("_file") and name.startswith(("relayhost_", "smtpd_sasl_")):
                 continue
             env = _env_name(name)
             value = getattr(self, name)
-            out[env] = _render(value, secret=name == "relayhost_password")
+            out[env] = _render(value, secret=name in ("relayhost_password", "smtpd_sasl_users"))
         return out
 
 

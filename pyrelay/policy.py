@@ -11,10 +11,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from pyrelay.config import IPNetwork, Settings
 from pyrelay.domains import DomainError, is_canonical, to_ascii, try_ascii
+
+if TYPE_CHECKING:
+    from pyrelay.users import User
 
 # Control characters (even inside a quoted local part) cannot be relayed: the upstream client
 # refuses them in commands, which would leave a message in the queue that can never be sent.
@@ -104,6 +107,7 @@ class Reason:
     SYNTAX: Final = "syntax"
     TOO_MANY_RECIPIENTS: Final = "too_many_recipients"
     SIZE: Final = "size"
+    SENDER_NOT_OWNED: Final = "sender_not_owned"
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,18 +183,28 @@ class Policy:
         domain = normalize_address_domain(parts[1])
         return domain is not None and domain_matches(domain, self.allowed_sender_domains)
 
+    @staticmethod
+    def sender_owned(sender: str, user: User) -> bool:
+        parts = split_address(sender)
+        if parts is None:
+            return False
+        domain = normalize_address_domain(parts[1])
+        return domain is not None and user.owns(parts[0], domain)
+
     def sender_domain(self, sender: str) -> str:
         parts = split_address(sender)
         return parts[1].lower() if parts else sender
 
     def check_recipient(
-        self, client_ip: str, sender: str, recipient: str, count: int
+        self, client_ip: str, sender: str, recipient: str, count: int, user: User | None = None
     ) -> Rejection | None:
         """All RCPT checks in Postfix order: client, recipient syntax, sender, limits.
 
-        ``count`` is the number of recipients already accepted in this transaction.
+        ``count`` is the number of recipients already accepted in this transaction.  A client
+        that logged in (``user``) may relay from any address (``permit_sasl_authenticated``
+        before the MYNETWORKS check), from its own senders when it has a list.
         """
-        rejection = self.check_client(client_ip)
+        rejection = self.check_client(client_ip) if user is None else None
         if rejection:
             return rejection
         if _CONTROL.search(recipient):
@@ -213,6 +227,13 @@ class Policy:
                 return Rejection(
                     Reason.NULL_SENDER,
                     f"554 5.7.1 <{recipient}>: Relay access denied: null sender is not allowed",
+                )
+        elif user is not None and user.senders:
+            if not self.sender_owned(sender, user):
+                # Postfix reject_sender_login_mismatch.
+                return Rejection(
+                    Reason.SENDER_NOT_OWNED,
+                    f"553 5.7.1 <{sender}>: Sender address rejected: not owned by user {user.name}",
                 )
         elif not self.sender_domain_allowed(sender):
             return Rejection(

@@ -5,23 +5,27 @@ that replies ``250`` only once the message is durable in the spool.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import re
+import ssl
 import types
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 from aiosmtpd.smtp import Session as SMTPSession
 
 from pyrelay.cleanup import Cleanup, Sender
-from pyrelay.config import Settings
+from pyrelay.config import Settings, SmtpdTLSLevel
 from pyrelay.errors import SMTPReply, SpoolError
 from pyrelay.logging import get_logger
 from pyrelay.metrics import Metrics
 from pyrelay.policy import Policy, Reason, Rejection, normalize_address_domain, split_address
+from pyrelay.smtpd_tls import ListenerTLS, tls_wanted
 from pyrelay.spool import Envelope, Spool
+from pyrelay.users import Authenticator, User
 from pyrelay.wire import TERMINATOR
 
 log = get_logger("pyrelay.server")
@@ -107,6 +111,35 @@ class RelayEnvelope(SMTPEnvelope):
         self.rcpt_keys: set[str] = set()
 
 
+class RelaySession(SMTPSession):
+    """aiosmtpd's session without the deprecation warning its ``login_data`` setter logs on
+    every successful AUTH (pyrelay reads ``auth_data``, the ``User``)."""
+
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+    @property
+    def user(self) -> User | None:
+        return self.auth_data if isinstance(self.auth_data, User) else None
+
+
+def session_user(session: SMTPSession) -> User | None:
+    return session.auth_data if isinstance(session.auth_data, User) else None
+
+
+# Exact texts (operators and the issue search for them).
+TLS_NOT_AVAILABLE = "454 4.7.0 TLS not available"
+TLS_ALREADY_ACTIVE = "554 5.5.1 Error: TLS already active"
+AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
+AUTH_FAILED = "535 5.7.8 Error: authentication failed"
+AUTH_NOT_ENABLED = "503 5.5.1 Error: authentication not enabled"
+AUTH_OK = "235 2.7.0 Authentication successful"
+
 _SMTPCommand = Callable[[Any, str], Coroutine[Any, Any, Any]]
 
 
@@ -142,6 +175,11 @@ class RelayHandler:
         lines = [f"250-{server.hostname}", "250-PIPELINING"]
         if limit:
             lines.append(f"250-SIZE {limit}")
+        if isinstance(server, RelaySMTP):
+            if server.tls_context is not None and not server.encrypted:
+                lines.append("250-STARTTLS")
+            if server.encrypted and self.listener.auth.enabled:
+                lines.append("250-AUTH PLAIN LOGIN")
         lines += ["250-ENHANCEDSTATUSCODES", "250-8BITMIME", "250 SMTPUTF8"]
         return lines
 
@@ -178,7 +216,7 @@ class RelayHandler:
     ) -> str:
         sender = "" if envelope.mail_from == "<>" else (envelope.mail_from or "")
         rejection = self.listener.policy.check_recipient(
-            client_ip(session), sender, address, len(envelope.rcpt_tos)
+            client_ip(session), sender, address, len(envelope.rcpt_tos), session_user(session)
         )
         if rejection is not None:
             self.listener.rejected(
@@ -212,13 +250,21 @@ class RelaySMTP(SMTP):
 
     line_length_limit = STREAM_LIMIT
 
-    def __init__(self, listener: Listener, **kwargs: Any) -> None:
+    def __init__(self, listener: Listener, *, implicit_tls: bool = False, **kwargs: Any) -> None:
         template = listener.template
         if template is None:
             super().__init__(listener.handler, **kwargs)
         else:
             self._init_from(template)
         self.listener = listener
+        # TLS per connection (aiosmtpd's public attributes): a tls:// connection is encrypted
+        # from the start; a plain one gets the current certificate (re-read after a renewal)
+        # when STARTTLS is on, and must use it first with `encrypt`.
+        self.implicit_tls = implicit_tls
+        self.tls_context = None if implicit_tls else listener.starttls_context()
+        self.require_starttls = (
+            self.tls_context is not None and listener.settings.smtpd_tls == SmtpdTLSLevel.ENCRYPT
+        )
         self._refuse: str | None = None
         self._in_ehlo = False
         self._junk = 0
@@ -330,6 +376,14 @@ class RelaySMTP(SMTP):
     def _create_envelope(self) -> SMTPEnvelope:
         return RelayEnvelope()
 
+    def _create_session(self) -> SMTPSession:
+        return RelaySession(self.loop)
+
+    @property
+    def encrypted(self) -> bool:
+        """True on a ``tls://`` connection and after a successful STARTTLS."""
+        return self.implicit_tls or (self.session is not None and self.session.ssl is not None)
+
     def _hang_up(self, reply: str | None = None) -> None:
         """Close after ``reply``; pipelined commands already read are dropped, never run."""
         self._reader._buffer.clear()  # type: ignore[attr-defined]
@@ -367,8 +421,109 @@ class RelaySMTP(SMTP):
 
     functools.update_wrapper(smtp_RCPT, SMTP.smtp_RCPT)  # keeps HELP's syntax text
 
-    async def push(self, status: str) -> None:  # type: ignore[override]
-        await super().push(status if self._in_ehlo else with_enhanced_status(status))
+    # -- STARTTLS and AUTH -----------------------------------------------------------------
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        assert self.session is not None
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        if self.encrypted:
+            await self.push(TLS_ALREADY_ACTIVE)
+            return
+        if self.tls_context is None:
+            await self.push(TLS_NOT_AVAILABLE)
+            self.listener.tls_refused(client_ip(self.session))
+            return
+        try:
+            await super().smtp_STARTTLS(arg)
+        except Exception as exc:
+            log.info(
+                "tls_handshake_failed",
+                client=client_ip(self.session),
+                reason=str(exc.__cause__ or exc) or type(exc).__name__,
+            )
+            raise
+
+    functools.update_wrapper(smtp_STARTTLS, SMTP.smtp_STARTTLS)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        # Postfix smtpd_tls_auth_only: never a password over a plain connection.  aiosmtpd's
+        # own TLS check knows STARTTLS only, so pyrelay makes it (tls:// connections too).
+        session = self.session
+        if session is not None and session.host_name and session.extended_smtp:
+            if not self.listener.auth.enabled:
+                await self.push(AUTH_NOT_ENABLED)
+                return
+            if not self.encrypted:
+                await self.push(AUTH_NEEDS_TLS)
+                return
+        await super().smtp_AUTH(arg)
+
+    functools.update_wrapper(smtp_AUTH, SMTP.smtp_AUTH)
+
+    async def auth_PLAIN(self, _: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if not isinstance(blob, bytes):
+                return AuthResult(success=False, handled=True)  # "*" or bad base64: answered
+        else:
+            try:
+                blob = base64.b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        return await self._check_login("PLAIN", parts[1], parts[2])
+
+    async def auth_LOGIN(self, _: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if not isinstance(login, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                login = base64.b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if not isinstance(password, bytes):
+            return AuthResult(success=False, handled=True)
+        return await self._check_login("LOGIN", login, password)
+
+    async def _check_login(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
+        assert self.session is not None
+        ip = client_ip(self.session)
+        auth = self.listener.auth
+        user = await auth.authenticate(ip, login, password)
+        name = login.decode("utf-8", "replace")[:256]
+        if user is None:
+            failures = auth.failed(ip)
+            self.listener.metrics.rejected.labels(reason="auth_failed").inc()
+            # Postfix: "SASL LOGIN authentication failed"; the name, never the password.
+            log.warning(
+                "auth_failed",
+                client=ip,
+                sasl_method=mechanism,
+                sasl_username=name,
+                failures=failures,
+                next_delay=auth.throttle.delay(ip),
+            )
+            await self.push(AUTH_FAILED)
+            return AuthResult(success=False, handled=True)
+        log.info("authenticated", client=ip, sasl_method=mechanism, sasl_username=user.name)
+        return AuthResult(success=True, auth_data=user, message=AUTH_OK)
+
+    async def push(self, status: str | bytes) -> None:
+        # AUTH challenges ("334 <base64>") come as bytes and carry no status code.
+        if isinstance(status, bytes):
+            await super().push(status)
+        else:
+            await super().push(status if self._in_ehlo else with_enhanced_status(status))
 
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_ehlo = True
@@ -399,7 +554,9 @@ class RelaySMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self._idle.clear()
         try:
-            reply = await self.listener.receive(self.session, self.envelope, self._read_data)
+            reply = await self.listener.receive(
+                self.session, self.envelope, self._read_data, tls=self.encrypted
+            )
             await self.push(reply)
         finally:
             self._idle.set()
@@ -464,11 +621,44 @@ class Listener:
         self.ports: list[tuple[str, int]] = []
         self.handler = RelayHandler(self)
         self.template: RelaySMTP | None = None
+        self.tls: ListenerTLS | None = ListenerTLS(settings) if tls_wanted(settings) else None
+        self.auth = Authenticator(settings)
+        # Clients already told that STARTTLS is off (one warning per address).
+        self._tls_warned: set[str] = set()
 
     def factory(self) -> RelaySMTP:
         if self.template is None:
             self.template = self._build()
         return RelaySMTP(self)
+
+    def implicit_tls_factory(self) -> RelaySMTP:
+        if self.template is None:
+            self.template = self._build()
+        return RelaySMTP(self, implicit_tls=True)
+
+    def starttls_context(self) -> ssl.SSLContext | None:
+        """The context for a new plain connection's STARTTLS, or ``None`` when it is off."""
+        if self.tls is None or self.settings.smtpd_tls == SmtpdTLSLevel.NONE:
+            return None
+        return self.tls.context()
+
+    def tls_refused(self, ip: str) -> None:
+        """A client asked for STARTTLS while it is off: tell the operator both ways out, once
+        per client address."""
+        if ip in self._tls_warned:
+            return
+        if len(self._tls_warned) >= 10_000:
+            self._tls_warned.clear()
+        self._tls_warned.add(ip)
+        log.warning(
+            "starttls_refused",
+            client=ip,
+            reply=TLS_NOT_AVAILABLE,
+            reason="the client asked for STARTTLS but TLS is off on this listener",
+            fix="either the client stops asking for TLS (e.g. OpenDLP SMTP_USE_TLS=false), "
+            "or the relay turns it on: PYRELAY_SMTPD_TLS_LEVEL=may (self-signed certificate) "
+            "or a certificate in PYRELAY_TLS_CERT_FILE/PYRELAY_TLS_KEY_FILE",
+        )
 
     def _build(self) -> RelaySMTP:
         s = self.settings
@@ -480,16 +670,32 @@ class Listener:
             ident="ESMTP pyrelay",
             timeout=s.command_timeout,
             command_call_limit=s.max_commands,
+            # RelaySMTP.smtp_AUTH enforces TLS itself (aiosmtpd's check misses tls:// listeners).
+            auth_require_tls=False,
             loop=asyncio.get_running_loop(),
         )
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        for host, port in self.settings.listen:
+        if self.tls is not None:
+            await asyncio.to_thread(self.tls.load)
+        self.auth.load()
+        if self.auth.enabled and self.tls is None:
+            log.warning(
+                "smtpd_auth_unavailable",
+                reason="SMTP AUTH users are configured but TLS is off, and AUTH is offered "
+                "only over TLS",
+                fix="set PYRELAY_SMTPD_TLS_LEVEL=may (or encrypt), or add a tls:// listener",
+            )
+        addresses = []
+        for address in self.settings.listen:
+            host, port = address.host, address.port
+            ssl_context = self.tls.context() if address.tls and self.tls is not None else None
             server = await loop.create_server(
-                self.factory,
+                self.implicit_tls_factory if address.tls else self.factory,
                 host=host,
                 port=port,
+                ssl=ssl_context,
                 reuse_address=True,
                 # Several worker processes share each address; the kernel spreads connections.
                 reuse_port=self.settings.workers > 1,
@@ -499,7 +705,8 @@ class Listener:
             for sock in server.sockets:
                 addr = sock.getsockname()
                 self.ports.append((str(addr[0]), int(addr[1])))
-        log.info("listening", addresses=" ".join(f"{h}:{p}" for h, p in self.ports))
+                addresses.append(("tls://" if address.tls else "") + f"{addr[0]}:{addr[1]}")
+        log.info("listening", addresses=" ".join(addresses))
 
     def session_opened(self, proto: RelaySMTP) -> str | None:
         """Register a new session; ``None``, or why it must be refused (the text of the 421)."""
@@ -560,11 +767,20 @@ class Listener:
         session: SMTPSession,
         smtp_env: SMTPEnvelope,
         read: Callable[[Cleanup], Awaitable[None]],
+        *,
+        tls: bool = False,
     ) -> str:
         """Stream one DATA payload through cleanup into the spool; hand the entry to the
         scheduler; return the reply for the client (``250`` only once it is durable)."""
         ip = client_ip(session)
-        who = Sender(ip, session.host_name or "unknown", bool(session.extended_smtp))
+        user = session_user(session)
+        who = Sender(
+            ip,
+            session.host_name or "unknown",
+            bool(session.extended_smtp),
+            tls=tls,
+            user=user.name if user else "",
+        )
         cleanup = Cleanup(
             self.settings,
             self.spool,
@@ -593,6 +809,7 @@ class Listener:
             log.warning("bare_newline_normalized", queue_id=cleanup.queue_id, client=ip)
         env = accepted.envelope
         self.metrics.received.inc()
+        extra = {"sasl_username": user.name} if user else {}
         log.info(
             "queued",
             queue_id=env.queue_id,
@@ -600,6 +817,7 @@ class Listener:
             **{"from": f"<{env.sender}>"},
             nrcpt=len(env.recipients),
             size=env.size,
+            **extra,
         )
         self.submit(env, accepted.payload)
         return f"250 2.0.0 Ok: queued as {env.queue_id}"

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from pyrelay.config import MASK, HostPort, LogFormat, Settings, TLSLevel, load_settings
+from pyrelay.config import (
+    MASK,
+    HostPort,
+    ListenAddress,
+    LogFormat,
+    Settings,
+    TLSLevel,
+    load_settings,
+)
 from pyrelay.errors import ConfigError
 
 MINIMAL = {"RELAYHOST": "smtp.example.com", "ALLOWED_SENDER_DOMAINS": "example.org"}
@@ -54,7 +62,7 @@ def test_defaults(setenv: pytest.MonkeyPatch) -> None:
     s = load()
     assert s.relayhost == HostPort("smtp.example.com", 25)
     assert s.tls_level is TLSLevel.SECURE
-    assert s.listen == (HostPort("0.0.0.0", 25), HostPort("0.0.0.0", 587))
+    assert s.listen == (ListenAddress("0.0.0.0", 25), ListenAddress("0.0.0.0", 587))
     assert s.message_size_limit == 10_240_000
     assert (s.min_backoff, s.max_backoff, s.queue_lifetime) == (300, 4000, 5 * 86400)
     assert ipaddress.ip_network("172.16.0.0/12") in s.mynetworks
@@ -236,9 +244,9 @@ def test_invalid_boolean(setenv: pytest.MonkeyPatch) -> None:
 def test_listen_addresses(setenv: pytest.MonkeyPatch) -> None:
     setenv.setenv("PYRELAY_LISTEN", "0.0.0.0:25, [::]:587 127.0.0.1")
     assert load().listen == (
-        HostPort("0.0.0.0", 25),
-        HostPort("::", 587),
-        HostPort("127.0.0.1", 25),
+        ListenAddress("0.0.0.0", 25),
+        ListenAddress("::", 587),
+        ListenAddress("127.0.0.1", 25),
     )
     assert str(HostPort("::", 587)) == "[::]:587"
     assert config_error(setenv, PYRELAY_LISTEN=" ").startswith("PYRELAY_LISTEN: ")

@@ -212,6 +212,26 @@ async def test_fast_connection_init_matches_aiosmtpd_init(tmp_path: Path) -> Non
         assert not impl.is_builtin or impl.method.__self__ is fast, name
 
 
+async def test_aiosmtpd_calls_pyrelays_auth_mechanisms(tmp_path: Path) -> None:
+    """pyrelay/server.py ``RelaySMTP.auth_PLAIN``/``auth_LOGIN`` replace aiosmtpd's (which
+    check passwords synchronously, in the event loop): aiosmtpd 1.4.6 finds ``auth_*`` methods
+    on the protocol by name, calls them as ``method(self, args)``, and takes a successful
+    ``AuthResult``'s ``auth_data`` as ``session.auth_data``."""
+    listener = _listener(tmp_path)
+    conn = listener.factory()
+    assert sorted(conn._auth_methods) == ["LOGIN", "PLAIN"]
+    for name, impl in conn._auth_methods.items():
+        assert impl.is_builtin
+        assert impl.method.__func__ is getattr(RelaySMTP, f"auth_{name}"), name
+    source = inspect.getsource(SMTP.smtp_AUTH)
+    assert "auth_result = await auth_method.method(self, args)" in source
+    assert "self.session.auth_data = _auth_data" in source
+    assert "status = auth_result.message or CODE_SUCCESS" in source
+    # RelaySMTP.encrypted reads Session.ssl, which aiosmtpd sets only after STARTTLS.
+    made = inspect.getsource(SMTP.connection_made)
+    assert "self.session.ssl = self._tls_protocol._extra" in made
+
+
 async def test_fast_connections_share_no_mutable_state(tmp_path: Path) -> None:
     """pyrelay/server.py ``RelaySMTP._init_from``: no list, dict, set, bytearray, event,
     stream reader, future ... is shared between two connections (or with the template),
