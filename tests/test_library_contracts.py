@@ -17,6 +17,7 @@ import asyncio
 import collections
 import enum
 import importlib.metadata
+import inspect
 import os
 import ssl
 import subprocess

@@ -61,9 +61,11 @@ def uts46(domain: str) -> str | None:
     if domain.endswith(".") and not domain.endswith(".."):
         domain = domain[:-1]
     try:
-        return idna.encode(domain, uts46=True, transitional=False).decode("ascii")
+        key = idna.encode(domain, uts46=True, transitional=False).decode("ascii")
     except (idna.IDNAError, UnicodeError):
         return None
+    # A root dot written as U+3002 or U+FF0E maps to "." too.
+    return key[:-1] if key.endswith(".") and not key.endswith("..") else key
 
 
 def ascii_lower(text: str) -> str:
@@ -78,6 +80,8 @@ def ascii_lower(text: str) -> str:
 @example("fass.de")
 @example("FA\u1e9e.de")
 @example("xn--fa-hia.de")
+@example("example.org.")
+@example("xn--fa-hia.de\u3002")
 def test_policy_approves_only_what_it_relays(domain: str) -> None:
     sender = f"x@{domain}"
     at_mail = POLICY.check_sender(sender)
@@ -97,6 +101,8 @@ def test_policy_approves_only_what_it_relays(domain: str) -> None:
 
 @SETTINGS
 @given(domains())
+@example("xn--fa-hia.de\u3002")
+@example("b\u00fccher.example.")
 def test_u_label_and_a_label_get_the_same_decision(domain: str) -> None:
     key = uts46(domain)
     if key is None:
