@@ -60,6 +60,10 @@ def register(sub: Subparsers) -> None:
 
     queue_commands.register(sub)
 
+    from pyrelay import drain
+
+    drain.register(sub)
+
     p = add_command(
         sub,
         "send-test",
