@@ -129,9 +129,7 @@ def test_queue_handoff_command(tmp_path: Path, sink: SinkProc) -> None:
     """``queue handoff --to`` with the relay stopped: a dead peer leaves every entry queued
     (exit 1); a live one takes them all (exit 0), leftovers in active/ included."""
     peer_port, first_port = free_port(), free_port()
-    first_env = relay_env(
-        relay_port=first_port, sink_port=free_port(), spool=tmp_path / "first"
-    )
+    first_env = relay_env(relay_port=first_port, sink_port=free_port(), spool=tmp_path / "first")
     first = start(first_env)
     try:
         assert all(send_one(first_port, f"q{i}").accepted for i in range(6))
