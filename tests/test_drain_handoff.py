@@ -161,6 +161,62 @@ def test_queue_handoff_command(tmp_path: Path, sink: SinkProc) -> None:
     assert sorted(d.test_id for d in sink.deliveries()) == sorted(f"q{i}" for i in range(6))
 
 
+def test_handoff_sends_the_envelope_as_queued(tmp_path: Path, sink: SinkProc) -> None:
+    """Only the recipients still pending go to the peer; the sender as queued (masqueraded
+    once, by the first relay); the message bytes as spooled."""
+    import json
+    import smtplib
+
+    from procs import make_message
+
+    first_port, peer_port = free_port(), free_port()
+    first_env = relay_env(
+        relay_port=first_port,
+        sink_port=free_port(),
+        spool=tmp_path / "first",
+        MASQUERADED_DOMAINS="example.org",
+    )
+    first = start(first_env)
+    try:
+        with smtplib.SMTP("127.0.0.1", first_port, timeout=10) as smtp:
+            smtp.sendmail(
+                "app@mail.example.org",
+                ["a@dest.test", "b@dest.test", "c@dest.test"],
+                make_message("env1"),
+            )
+        wait_for(lambda: len(first.named("deferred")) >= 3, 15, "deferrals")
+    finally:
+        first.terminate()
+        assert first.wait(10) == 0
+    spool = tmp_path / "first"
+    (queue_id,) = os.listdir(spool / "deferred")
+    # As if b@ had been delivered by an earlier attempt.
+    status = json.loads((spool / "status" / queue_id).read_text())
+    status["recipients"] = ["a@dest.test", "c@dest.test"]
+    status["delivered"] = ["b@dest.test"]
+    (spool / "status" / queue_id).write_text(json.dumps(status))
+    spooled = (spool / "deferred" / queue_id).read_bytes()
+
+    peer = start(relay_env(relay_port=peer_port, sink_port=sink.port, spool=tmp_path / "peer"))
+    try:
+        done = cli(first_env, "queue", "handoff", "--to", f"127.0.0.1:{peer_port}")
+        assert done.returncode == 0, done.stdout + done.stderr
+        wait_for(lambda: len(sink.deliveries()) >= 1, 15, "delivery by the peer")
+    finally:
+        peer.terminate()
+        peer.wait(10)
+    (got,) = sink.deliveries()
+    assert got.sender == "app@example.org"
+    assert sorted(got.rcpts) == ["a@dest.test", "c@dest.test"]
+    assert got.hops == 2
+    # What the peer passed on is the bytes the first relay spooled plus its own Received:
+    # header (nothing rewritten a second time: same length otherwise).
+    body = spooled.split(b"\n", 2)[2]
+    assert body.startswith(b"Received: from ")
+    assert 50 < got.size - len(body) < 400
+    assert first.named("queued")[0]["queue_id"] == queue_id
+
+
 # -- the simulated rolling restart ---------------------------------------------------------------
 
 
