@@ -13,12 +13,14 @@ from typing import Any
 from pyrelay import __version__
 from pyrelay.config import Settings, known_env_names
 from pyrelay.constants import PID_FILE
+from pyrelay.drain import DrainRequest, drain, take_request
 from pyrelay.errors import ConfigError
+from pyrelay.http import HttpServer
 from pyrelay.logging import get_logger
 from pyrelay.metrics import Metrics, enable_multiprocess
 from pyrelay.scheduler import Scheduler
 from pyrelay.server import Listener
-from pyrelay.spool import Spool
+from pyrelay.spool import Spool, probe_writable
 from pyrelay.workers import WorkerPool, fork_workers
 
 log = get_logger("pyrelay")
@@ -39,6 +41,9 @@ class Relay:
         self.scheduler = Scheduler(settings, self.spool, self.metrics, primary=worker == 0)
         self.listener = Listener(settings, self.spool, self.metrics, self.scheduler.submit)
         self.pool: WorkerPool | None = None
+        self.http: HttpServer | None = None
+        self.draining = False
+        self._drain: asyncio.Task[int] | None = None
         self.started = asyncio.Event()
         self._exit = asyncio.Event()
 
@@ -77,14 +82,16 @@ class Relay:
         await self._listen()
         self.metrics.watch_queue(self.scheduler.queue_stats)
         if s.metrics_listen is not None:
+            self.http = HttpServer(s.metrics_listen, self.metrics, self.not_ready)
             try:
-                self.metrics.serve(s.metrics_listen)
+                await self.http.start()
             except OSError as exc:
+                self.http = None
                 raise ConfigError(
-                    f"PYRELAY_METRICS_LISTEN: cannot listen on {s.metrics_listen}: "
+                    f"PYRELAY_HTTP_LISTEN: cannot listen on {s.metrics_listen}: "
                     f"{exc.strerror or exc}"
                 ) from None
-            log.info("metrics_listening", address=str(s.metrics_listen))
+            log.info("http_listening", address=f"{s.metrics_listen.host}:{self.http.port}")
         if self.prefork is not None:
             self.pool = WorkerPool(s, self.scheduler, self.prefork.pids)
             self.pool.start()
@@ -106,8 +113,37 @@ class Relay:
             await self.listener.stop(0)
         with contextlib.suppress(Exception):
             await self.scheduler.stop(0)
-        self.metrics.close()
+        if self.http is not None:
+            await self.http.stop()
         self.spool.close()
+
+    async def not_ready(self) -> str:
+        """Why ``/readyz`` must say no, or "" (pyrelay.http)."""
+        if self.draining:
+            return "draining"
+        if self.listener.closing or not any(srv.is_serving() for srv in self.listener.servers):
+            return "listener not accepting"
+        try:
+            await asyncio.wait_for(
+                self.spool.run(probe_writable, self.settings.spool_dir), timeout=2.0
+            )
+        except TimeoutError:
+            return "spool write timed out"
+        except OSError as exc:
+            return f"spool not writable: {exc.strerror or exc}"
+        return ""
+
+    async def stop_listening(self) -> None:
+        """Close the listener (and stop the secondary workers) like a shutdown does, but keep
+        delivering (a drain)."""
+        grace = self.settings.shutdown_grace
+        if self.pool is not None:
+            stopping = asyncio.create_task(self.pool.stop(grace))
+            await asyncio.gather(self.listener.stop(grace), stopping)
+            for index in self.pool.pids:
+                self.scheduler.adopt_orphans(index)
+        else:
+            await self.listener.stop(grace)
 
     async def shutdown(self) -> None:
         grace = self.settings.shutdown_grace
@@ -121,8 +157,10 @@ class Relay:
         await asyncio.gather(self.listener.stop(grace), self.scheduler.stop(grace))
         if self.pool is not None:
             await pool_stopped
+        if self.http is not None:
+            await self.http.stop()
+        self.metrics.draining.set(0)
         self.spool.close()
-        self.metrics.close()
         if not self.worker:
             with contextlib.suppress(OSError):
                 (self.settings.spool_dir / PID_FILE).unlink()
@@ -134,6 +172,9 @@ class Relay:
             try:
                 await self._exit.wait()
             finally:
+                if self._drain is not None and not self._drain.done():
+                    self._drain.cancel()  # SIGTERM during a drain: a plain shutdown
+                    await asyncio.gather(self._drain, return_exceptions=True)
                 await self.shutdown()
 
     @contextlib.contextmanager
@@ -146,7 +187,7 @@ class Relay:
                 installed.append(sig)
             if not self.worker:  # deferred entries belong to the primary alone
                 loop.add_signal_handler(signal.SIGUSR1, self._on_flush)
-                loop.add_signal_handler(signal.SIGUSR2, self.scheduler.scan_now)
+                loop.add_signal_handler(signal.SIGUSR2, self._on_usr2)
                 installed += [signal.SIGUSR1, signal.SIGUSR2]
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread (tests run relays in-process)
@@ -166,6 +207,26 @@ class Relay:
     def _on_flush(self) -> None:
         count = self.scheduler.flush()
         log.info("flush", deferred=count)
+
+    def _on_usr2(self) -> None:
+        """``queue release`` (look for due entries) or ``pyrelay drain`` (a request file)."""
+        request = take_request(self.settings.spool_dir)
+        if request is None:
+            self.scheduler.scan_now()
+            return
+        if self._drain is not None or self._exit.is_set():
+            log.info("drain_already_running")
+            return
+        self._drain = asyncio.create_task(self._run_drain(request), name="pyrelay-drain")
+
+    async def _run_drain(self, request: DrainRequest) -> int:
+        try:
+            return await drain(self, request)
+        except Exception:
+            log.exception("drain_failed")
+            return -1
+        finally:
+            self._exit.set()
 
 
 def warn_unknown_postfix_variables() -> None:

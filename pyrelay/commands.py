@@ -64,6 +64,10 @@ def register(sub: Subparsers) -> None:
 
     user_commands.register(sub)
 
+    from pyrelay import drain
+
+    drain.register(sub)
+
     p = add_command(
         sub,
         "send-test",

@@ -303,9 +303,16 @@ class Settings(BaseSettings):
         default=LogFormat.CONSOLE, validation_alias=AliasChoices("PYRELAY_LOG_FORMAT")
     )
     log_level: str = Field(default="info", validation_alias=AliasChoices("PYRELAY_LOG_LEVEL"))
+    # /metrics, /healthz, /readyz (pyrelay.http); PYRELAY_METRICS_LISTEN is the older name.
     metrics_listen: Annotated[HostPort | None, NoDecode] = Field(
-        default=None, validation_alias=AliasChoices("PYRELAY_METRICS_LISTEN")
+        default=None, validation_alias=AliasChoices("PYRELAY_HTTP_LISTEN", "PYRELAY_METRICS_LISTEN")
     )
+    # Where a drain that timed out hands the rest of the queue (pyrelay.handoff); a peer relay.
+    handoff_to: Annotated[HostPort | None, NoDecode] = Field(
+        default=None, validation_alias=AliasChoices("PYRELAY_HANDOFF_TO")
+    )
+    # How long a drain reports "not ready" before it closes the listener.
+    drain_grace: float = Field(default=5.0, validation_alias=AliasChoices("PYRELAY_DRAIN_GRACE"))
     # The header From: of bounces; empty means MAILER-DAEMON@<hostname>.
     bounce_from: str = Field(default="", validation_alias=AliasChoices("PYRELAY_BOUNCE_FROM"))
     # Shown by `pyrelay config`; read by load_settings before the other values.
@@ -388,6 +395,16 @@ class Settings(BaseSettings):
             return None
         return parse_host_port(text, 9025, what="address")
 
+    @field_validator("handoff_to", mode="before")
+    @classmethod
+    def _handoff_to(cls, value: object) -> HostPort | None:
+        if value is None or isinstance(value, HostPort):
+            return value
+        text = str(value).strip()
+        if not text:
+            return None
+        return parse_host_port(text, 25, what="address")
+
     @field_validator("listen", mode="before")
     @classmethod
     def _listen(cls, value: object) -> tuple[ListenAddress, ...]:
@@ -447,6 +464,7 @@ class Settings(BaseSettings):
         "command_timeout",
         "session_timeout",
         "shutdown_grace",
+        "drain_grace",
         "upstream_connect_timeout",
         "upstream_command_timeout",
         "upstream_data_timeout",

@@ -1,5 +1,9 @@
-"""Prometheus metrics.  Always counted (a counter increment is ~1 µs); served only when
-``PYRELAY_METRICS_LISTEN`` is set.
+"""Prometheus metrics.  Always counted (a counter increment is ~1 µs); served on ``/metrics``
+only when ``PYRELAY_HTTP_LISTEN`` (or its old name ``PYRELAY_METRICS_LISTEN``) is set
+(``pyrelay.http``).
+
+Every labelled series an alert or a dashboard panel uses exists from start-up (value 0), so that
+``rate()`` and ``increase()`` see the first event and an alert never looks at a missing series.
 
 With several worker processes every process counts into files in a shared directory
 (prometheus-client's multiprocess mode) and the primary serves the sum, so a delivery counts
@@ -12,16 +16,39 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server, values
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    values,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from pyrelay.config import HostPort
-
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# The label values known in advance (policy.Reason and the listener's own refusals; the
+# delivery steps of delivery.Step and the connection-level kinds), created at start-up.
+REJECTION_REASONS = (
+    "client",
+    "relay_denied",
+    "null_sender",
+    "syntax",
+    "too_many_recipients",
+    "size",
+    "hops",
+    "spool",
+    "junk_commands",
+    "too_many_connections",
+    "too_many_connections_per_client",
+)
+UPSTREAM_ERROR_KINDS = ("dns", "tcp", "greeting", "tls", "auth", "connection", "protocol")
+HANDOFF_RESULTS = ("handed_off", "failed")
 
 
 def enable_multiprocess(directory: Path) -> None:
@@ -51,8 +78,8 @@ class _QueueCollector(Collector):
 
 class Metrics:
     def __init__(self) -> None:
-        self._server: WSGIServer | None = None
         self._queue: _QueueCollector | None = None
+        self._exposed: CollectorRegistry | None = None
         self.registry = CollectorRegistry()
         r = self.registry
         self.received = Counter(
@@ -77,12 +104,33 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 86400),
             registry=r,
         )
+        self.handoff = Counter(
+            "pyrelay_handoff_messages",
+            "Queue entries forwarded to a peer relay (drain or queue handoff), by result",
+            ["result"],
+            registry=r,
+        )
+        self.draining = Gauge(
+            "pyrelay_draining",
+            "1 while the relay drains (not ready, listener closing)",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        for reason in REJECTION_REASONS:
+            self.rejected.labels(reason=reason)
+        for kind in UPSTREAM_ERROR_KINDS:
+            self.upstream_errors.labels(kind=kind)
+        for result in HANDOFF_RESULTS:
+            self.handoff.labels(result=result)
 
     def watch_queue(self, stats: Callable[[], tuple[int, float]]) -> None:
         """Report ``stats() -> (size, oldest age)`` as the queue gauges."""
         self._queue = _QueueCollector(stats)
 
-    def serve(self, listen: HostPort) -> None:
+    def exposition_registry(self) -> CollectorRegistry:
+        """The registry ``/metrics`` renders: this process's, or the sum of every worker's."""
+        if self._exposed is not None:
+            return self._exposed
         registry = self.registry
         directory = os.environ.get(MULTIPROC_ENV)
         if directory:
@@ -90,10 +138,10 @@ class Metrics:
             MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
         if self._queue is not None:
             registry.register(self._queue)
-        self._server, _ = start_http_server(listen.port, addr=listen.host, registry=registry)
+        self._exposed = registry
+        return registry
 
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+    @staticmethod
+    def render(registry: CollectorRegistry) -> tuple[bytes, str]:
+        """The text exposition of ``registry`` (blocking: run it in a thread)."""
+        return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -94,6 +94,26 @@ def register(sub: Subparsers) -> None:
         p.set_defaults(action=name)
         p.add_argument("queue_ids", nargs="*", metavar="ID")
         p.add_argument("--all", action="store_true", help="every message it applies to")
+    p = add_command(
+        actions,
+        "handoff",
+        cmd_queue_handoff,
+        "forward the queue to a peer relay over SMTP",
+        "Forward every queued message (incoming and deferred; also those left in active/ when "
+        "the relay is not running) to a peer relay as queued: envelope sender, remaining "
+        "recipients, message as spooled. Each entry is removed only after the peer's 250; a "
+        "failed one goes back to deferred/. The peer must accept this host (its MYNETWORKS). "
+        "Held messages stay.",
+        "1 some messages could not be handed off",
+    )
+    p.add_argument(
+        "--to",
+        dest="to",
+        metavar="HOST:PORT",
+        help="the peer relay (default: PYRELAY_HANDOFF_TO; port 25 if omitted)",
+    )
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S", help="per SMTP step")
+    add_json_flag(p)
 
 
 def _open_spool() -> Spool:
@@ -438,3 +458,47 @@ def cmd_queue_release(args: argparse.Namespace) -> int:
         if pid is None:
             print(f"note: {why}; released mail goes out when it starts")
     return code
+
+
+def cmd_queue_handoff(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pyrelay.config import parse_host_port
+    from pyrelay.handoff import handoff
+
+    settings = load_settings()
+    target = settings.handoff_to
+    if args.to:
+        try:
+            target = parse_host_port(args.to, 25, what="address")
+        except ValueError as exc:
+            return error(f"queue handoff: --to: {exc}", EXIT_USAGE)
+    if target is None:
+        return error("queue handoff: give --to HOST:PORT (or set PYRELAY_HANDOFF_TO)", EXIT_USAGE)
+    running, _ = _relay_pid(settings.spool_dir)
+    # Entries in active/ belong to a running relay's delivery attempts; otherwise leftovers.
+    states = ("deferred", "incoming") if running else ("active", "deferred", "incoming")
+    spool = _open_spool()
+    try:
+        result = asyncio.run(handoff(spool, settings, target, states=states, timeout=args.timeout))
+    finally:
+        spool.close()
+    summary = {
+        "to": str(target),
+        "handed_off": result.handed_off,
+        "failed": result.failed,
+        "skipped": result.skipped,
+        "seconds": round(result.seconds, 3),
+        "rate": round(result.rate, 1),
+        "errors": result.errors,
+    }
+    if getattr(args, "json", False):
+        print_json(summary)
+    else:
+        for line in result.errors:
+            print(f"failed: {line}")
+        print(
+            f"handoff: {result.handed_off} message(s) handed off to {target}, "
+            f"{result.failed} failed, in {result.seconds:.1f}s ({result.rate:.0f}/s)"
+        )
+    return EXIT_FAILURE if result.failed else EXIT_OK

@@ -303,6 +303,9 @@ class Delivery:
     test_id: str
     queue_id: str
     size: int
+    hops: int = 0  # Received: headers
+    sender: str = ""
+    rcpts: tuple[str, ...] = ()
 
 
 class SinkProc:
@@ -349,7 +352,17 @@ class SinkProc:
                 d = json.loads(line)
             except ValueError:
                 continue
-            out.append(Delivery(d["t"], d["id"], d["qid"], d["n"]))
+            out.append(
+                Delivery(
+                    d["t"],
+                    d["id"],
+                    d["qid"],
+                    d["n"],
+                    d.get("hops", 0),
+                    d.get("from", ""),
+                    tuple(d.get("rcpt", ())),
+                )
+            )
         return out
 
     def set_defer(self, on: bool) -> None:
@@ -439,6 +452,9 @@ def _sink_main(record: str, control: str, dmin: str, dmax: str, defer_prob: str)
                 "id": tid.group(1).decode() if tid else "?",
                 "qid": qid.group(1).decode() if qid else "?",
                 "n": len(content),
+                "hops": len(re.findall(rb"^Received:", head, re.M | re.I)),
+                "from": envelope.mail_from,
+                "rcpt": list(envelope.rcpt_tos),
             }
             out.write(json.dumps(rec).encode() + b"\n")
             if kill and kill[1] == "before250":

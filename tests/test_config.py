@@ -335,7 +335,7 @@ def test_dotenv_file(setenv: pytest.MonkeyPatch, tmp_path: Path) -> None:
         ("PYRELAY_LOG_LEVEL", "verbose"),
         ("PYRELAY_LOG_FORMAT", "xml"),
         ("PYRELAY_HOSTNAME", "not a hostname"),
-        ("PYRELAY_METRICS_LISTEN", "127.0.0.1:http"),
+        ("PYRELAY_HTTP_LISTEN", "127.0.0.1:http"),
     ],
 )
 def test_other_invalid_values_name_the_variable(
