@@ -19,13 +19,14 @@ from typing import Any
 import dkim as dkimpy
 import dns.asyncresolver
 import pytest
-from conftest import LogCapture, Upstream, relay_settings, running, wait_until
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from dkim.canonicalization import Relaxed, Simple
 from dns_stub import DNSStub
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from conftest import LogCapture, Upstream, relay_settings, running, wait_until
 from pyrelay import dkim
 from pyrelay.cli import main as cli_main
 from pyrelay.queuefile import Envelope
