@@ -550,13 +550,6 @@ class Settings(BaseSettings):
         if self.xoauth2:
             if not user:
                 raise ValueError("RELAYHOST_USERNAME: required with XOAUTH2 (the mailbox)")
-            if password:
-                raise ValueError("RELAYHOST_PASSWORD: not used with XOAUTH2; unset it")
-            if not (
-                self.xoauth2_initial_refresh_token.get_secret_value()
-                or self.xoauth2_initial_access_token.get_secret_value()
-            ):
-                raise ValueError("XOAUTH2_INITIAL_REFRESH_TOKEN: required with XOAUTH2_CLIENT_ID")
             if not self.token_endpoint:
                 raise ValueError("XOAUTH2_TOKEN_ENDPOINT: required (no default for this RELAYHOST)")
         elif bool(user) != bool(password):

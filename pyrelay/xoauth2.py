@@ -4,9 +4,9 @@ boky/postfix's plugin reads an access token once and never refreshes it; here th
 refresh token live in the spool volume, ``<spool>/xoauth2/<mailbox>.json`` (mode 0600), so a
 restart needs no new initial token:
 
-- before each AUTH the access token is refreshed when it expires within ``MARGIN`` seconds (from
-  the endpoint's ``expires_in``), and once more when the upstream answers 334/535 to it (a token
-  revoked or expired early);
+- before each AUTH the access token is refreshed when it expires within ``MARGIN`` seconds (a
+  tenth of its lifetime if that is shorter; from the endpoint's ``expires_in``), and once more
+  when the upstream answers 334/535 to it (a token revoked or expired early);
 - a refresh token the endpoint rotates is saved at once (the old one may stop working);
 - a refresh that fails (revoked grant, wrong secret) defers mail with the endpoint's error, and
   is not retried for ``min(60 s, PYRELAY_MIN_BACKOFF)`` so that a queue does not hammer it.
@@ -48,12 +48,14 @@ class TokenError(Exception):
 @dataclass(slots=True)
 class Tokens:
     access_token: str
-    expires_at: float  # 0: unknown (an initial token): used until the upstream refuses it
+    # When to refresh (a little before the token expires); 0: unknown (an initial access
+    # token), used until the upstream refuses it.
+    expires_at: float
     refresh_token: str
     seed: str = ""  # which XOAUTH2_INITIAL_REFRESH_TOKEN the file started from (a digest)
 
     def fresh(self, now: float) -> bool:
-        return bool(self.access_token) and (not self.expires_at or self.expires_at - MARGIN > now)
+        return bool(self.access_token) and (not self.expires_at or self.expires_at > now)
 
 
 def _digest(text: str) -> str:
@@ -219,9 +221,10 @@ class XOAuth2:
         except (TypeError, ValueError):
             expires_in = 3600.0
         rotated = data.get("refresh_token")
+        # Refresh a little before the end: MARGIN, or a tenth of a short lifetime.
         new = Tokens(
             access,
-            started + expires_in,
+            started + expires_in - min(MARGIN, expires_in / 10),
             str(rotated) if rotated else tokens.refresh_token,
             tokens.seed,
         )
