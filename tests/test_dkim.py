@@ -499,3 +499,28 @@ def test_bad_key_file_stops_start_up(tmp_path: Path, ca_file: Path) -> None:
     settings = relay_settings(tmp_path, None, ca_file, dkim_key_dir=key_dir)
     with pytest.raises(ConfigError, match="PYRELAY_DKIM_KEY_DIR: .*example.org.private"):
         prepare_dkim(settings)
+
+
+async def test_queue_show_includes_the_signature(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    try:
+        env = Envelope(
+            queue_id=spool.new_id(), sender="a@example.org", recipients=["c@d.test"], arrival=1.0
+        )
+        writer = spool.writer(env)
+        await writer.write(b"Subject: x\r\n\r\n..dot\r\n")
+        writer.set_prepend(b"DKIM-Signature: v=1; d=example.org;\r\n\tb=abc\r\n")
+        await writer.commit(smtputf8=False, eightbit=False)
+    finally:
+        spool.close()
+    monkeypatch.setenv("RELAYHOST", "[127.0.0.1]:25")
+    monkeypatch.setenv("ALLOWED_SENDER_DOMAINS", "example.org")
+    monkeypatch.setenv("PYRELAY_SPOOL_DIR", str(tmp_path / "spool"))
+    code, out, _ = _cli(["queue", "show", env.queue_id], capsys)
+    assert code == 0
+    assert "\n\nDKIM-Signature: v=1; d=example.org;\n\tb=abc\nSubject: x\n\n.dot\n" in out
+    code, out, _ = _cli(["queue", "show", "--json", env.queue_id], capsys)
+    assert json.loads(out)["message"].startswith("DKIM-Signature: v=1; d=example.org;\r\n\tb=abc")
