@@ -54,7 +54,8 @@ PREPEND_RESERVE = 4096
 
 _WSP_EOL = re.compile(rb"[ \t]+\r\n")
 _WSP = re.compile(rb"[ \t]+")
-_STUFFED = re.compile(rb"\n\.")
+# Only what changes: a run of two or more, or a tab (a single space stays as it is).
+_WSP_RUN = re.compile(rb"[ \t]{2,}|\t")
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
 _SELECTOR = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})\Z")
 _CRLF = b"\r\n"
@@ -139,13 +140,18 @@ class BodyHash:
     def _process(self, block: bytes, *, complete: bool) -> None:
         if not self._mid and block.startswith(b"."):
             block = block[1:]
-        block = _STUFFED.sub(b"\n", block)
+        block = block.replace(b"\n.", b"\n")
         self._mid = not complete
         self._simple_out(block)
         if self._ws:
             block = b" " + block
             self._ws = False
-        block = _WSP.sub(b" ", _WSP_EOL.sub(_CRLF, block))
+        # The regular expressions cost more than the searches that usually make them moot.
+        tab = b"\t" in block
+        if tab or b" \r" in block:
+            block = _WSP_EOL.sub(_CRLF, block)
+        if tab or b"  " in block:
+            block = _WSP_RUN.sub(b" ", block)
         if not complete and block.endswith(b" "):
             block = block[:-1]
             self._ws = True
