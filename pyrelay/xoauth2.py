@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -177,7 +178,7 @@ class XOAuth2:
             if self._failed is not None and now - self._failed[0] < self.quiet:
                 raise TokenError(self._failed[1])
             try:
-                tokens = await self._refresh(tokens)
+                tokens = await asyncio.to_thread(self._refresh_shared, tokens, stale)
             except TokenError as exc:
                 self._failed = (self.clock(), str(exc))
                 log.error("xoauth2_refresh_failed", mailbox=self.mailbox, reason=str(exc))
@@ -186,7 +187,26 @@ class XOAuth2:
             self._tokens = tokens
             return tokens.access_token
 
-    async def _refresh(self, tokens: Tokens) -> Tokens:
+    def _refresh_shared(self, tokens: Tokens, stale: str) -> Tokens:
+        """Refresh under a lock shared by the worker processes: one of them may have refreshed
+        (and rotated the refresh token) already; then its tokens are used (blocking: runs in a
+        thread)."""
+        self.store.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = os.open(self.store.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            stored = self.store.load()
+            if stored is not None and stored.seed == tokens.seed and stored.refresh_token:
+                if stored.access_token not in (tokens.access_token, stale) and stored.fresh(
+                    self.clock()
+                ):
+                    return stored
+                tokens = stored  # the newest refresh token
+            return self._refresh(tokens)
+        finally:
+            os.close(lock)  # releases the lock
+
+    def _refresh(self, tokens: Tokens) -> Tokens:
         if not tokens.refresh_token:
             raise TokenError("no refresh token (set XOAUTH2_INITIAL_REFRESH_TOKEN)")
         s = self.settings
@@ -199,7 +219,7 @@ class XOAuth2:
         if secret:
             form["client_secret"] = secret
         started = self.clock()
-        status, body = await asyncio.to_thread(self._post, urllib.parse.urlencode(form).encode())
+        status, body = self._post(urllib.parse.urlencode(form).encode())
         try:
             data: Any = json.loads(body)
         except ValueError:
@@ -229,7 +249,7 @@ class XOAuth2:
             tokens.seed,
         )
         try:
-            await asyncio.to_thread(self.store.save, new)
+            self.store.save(new)
         except OSError as exc:
             # The token works for now; a rotated refresh token that is not saved is lost at
             # the next restart, so say so loudly.

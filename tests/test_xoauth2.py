@@ -375,3 +375,40 @@ def test_config_masks_tokens_and_reads_file_variants(tmp_path: Path, ca_file: Pa
     assert dump["XOAUTH2_SECRET"] == "********"
     assert dump["XOAUTH2_CLIENT_ID"] == CLIENT_ID
     assert "XOAUTH2_SECRET_FILE" not in dump
+
+
+async def test_worker_processes_share_refreshes_and_rotated_tokens(
+    token_server: TokenServer, tmp_path: Path, ca_file: Path, logs: LogCapture
+) -> None:
+    from pyrelay.xoauth2 import XOAuth2
+
+    token_server.rotate = True
+    token_server.lifetime = 3600
+    settings = relay_settings(
+        tmp_path,
+        None,
+        ca_file,
+        relayhost_username=MAILBOX,
+        relayhost_password="",
+        xoauth2_client_id=CLIENT_ID,
+        xoauth2_secret=CLIENT_SECRET,
+        xoauth2_initial_refresh_token=INITIAL_REFRESH,
+        xoauth2_token_endpoint=token_server.url,
+    )
+    # Two processes' views of the same mailbox (each has its own XOAuth2 object).
+    first, second = XOAuth2(settings), XOAuth2(settings)
+    a = await first.token()
+    # The second never saw the rotation: it takes the saved tokens instead of refreshing with
+    # the spent initial refresh token (which the endpoint would refuse).
+    b = await second.token()
+    assert a == b and len(token_server.requests) == 1
+    # The upstream refuses the token in the second process: one refresh, with the rotated
+    # refresh token; the first process then adopts the result when the token is refused there.
+    c = await second.token(stale=b)
+    assert c != b
+    assert [r["refresh_token"] for r in token_server.requests] == [
+        INITIAL_REFRESH,
+        "refresh-1-ROTATED",
+    ]
+    assert await first.token(stale=a) == c
+    assert len(token_server.requests) == 2
