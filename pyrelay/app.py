@@ -10,7 +10,7 @@ from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pyrelay import __version__
+from pyrelay import __version__, dkim
 from pyrelay.config import Settings, known_env_names
 from pyrelay.constants import PID_FILE
 from pyrelay.drain import DrainRequest, drain, take_request
@@ -46,6 +46,7 @@ class Relay:
         self._drain: asyncio.Task[int] | None = None
         self.started = asyncio.Event()
         self._exit = asyncio.Event()
+        self._dkim_check: asyncio.Task[None] | None = None
 
     async def startup(self) -> None:
         """Start everything or nothing (like uvicorn): a failure stops what already started
@@ -73,6 +74,7 @@ class Relay:
         warn_unknown_postfix_variables()
         if self.prefork is None:
             prepare_spool(s, self.spool)
+            prepare_dkim(s)
             recovered = self.scheduler.recover()
         else:
             recovered = self.prefork.recovered
@@ -99,6 +101,9 @@ class Relay:
         pid_file.write_text(f"{os.getpid()}\n")
         os.chmod(pid_file, 0o600)
         asyncio.get_running_loop().run_in_executor(self.spool.executor, self.spool.sweep_orphans)
+        signer = dkim.signer_for(dkim.key_dir(s.spool_dir, s.dkim_key_dir), s.dkim_selector)
+        if signer.domains:
+            self._dkim_check = asyncio.create_task(check_dkim_records(signer))
         self.started.set()
         log.info("started", version=__version__, workers=s.workers)
 
@@ -108,7 +113,12 @@ class Relay:
         except OSError as exc:
             raise ConfigError(f"PYRELAY_LISTEN: cannot listen: {exc.strerror or exc}") from None
 
+    def _cancel_dkim_check(self) -> None:
+        if self._dkim_check is not None:
+            self._dkim_check.cancel()
+
     async def _stop_started(self) -> None:
+        self._cancel_dkim_check()
         with contextlib.suppress(Exception):
             await self.listener.stop(0)
         with contextlib.suppress(Exception):
@@ -148,6 +158,7 @@ class Relay:
     async def shutdown(self) -> None:
         grace = self.settings.shutdown_grace
         log.info("stopping", grace=grace, worker=self.worker)
+        self._cancel_dkim_check()
         if self.pool is not None:
             # Secondaries drain in parallel with this process (they got SIGTERM too).
             pool_stopped = asyncio.create_task(self.pool.stop(grace))
@@ -259,10 +270,59 @@ def prepare_spool(settings: Settings, spool: Spool) -> None:
         ) from None
 
 
+def prepare_dkim(settings: Settings) -> None:
+    """``DKIM_AUTOGENERATE``, then load every key (a key that cannot be used stops start-up)."""
+    directory = dkim.key_dir(settings.spool_dir, settings.dkim_key_dir)
+    made: set[str] = set()
+    try:
+        if settings.dkim_autogenerate:
+            made = {
+                k.domain for k in dkim.generate_keys(directory, settings.allowed_sender_domains)
+            }
+        dkim.forget_signers()
+        signer = dkim.signer_for(directory, settings.dkim_selector)
+    except (dkim.DKIMError, OSError) as exc:
+        raise ConfigError(f"PYRELAY_DKIM_KEY_DIR: {exc}") from None
+    for key in signer.all_keys():
+        if key.domain in made:
+            log.warning(
+                "dkim_key_generated",
+                domain=key.domain,
+                selector=key.selector,
+                path=str(key.path),
+                note="publish this DNS record",
+                dns_record=key.zone_line(),
+            )
+        else:
+            log.info(
+                "dkim_key",
+                domain=key.domain,
+                selector=key.selector,
+                algorithm=key.algorithm.decode(),
+            )
+
+
+async def check_dkim_records(signer: dkim.Signer) -> None:
+    """Start-up: warn for each key whose DNS record is missing or holds another key."""
+    for key in signer.all_keys():
+        result = await dkim.check_record(key)
+        if result.status == "ok":
+            continue
+        log.warning(
+            "dkim_dns_mismatch",
+            domain=key.domain,
+            selector=key.selector,
+            status=result.status,
+            detail=result.detail,
+            dns_record=key.zone_line(),
+        )
+
+
 def _prefork(settings: Settings) -> Prefork:
     spool = Spool(settings.spool_dir, threads=1)
     try:
         prepare_spool(settings, spool)
+        prepare_dkim(settings)
         if settings.metrics_listen is not None:
             enable_multiprocess(settings.spool_dir / "metrics")
         # Leftovers are requeued before any worker can add entries of its own.

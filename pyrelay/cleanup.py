@@ -14,8 +14,10 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from pyrelay import dkim
 from pyrelay.config import Settings
 from pyrelay.errors import SMTPReply, SpoolError
+from pyrelay.logging import get_logger
 from pyrelay.queuefile import Envelope
 from pyrelay.rewrite import Rewritten, build_received, masquerade_address, rewrite_message
 from pyrelay.spool import EntryWriter, Spool
@@ -28,6 +30,8 @@ HOPCOUNT_LIMIT = 50
 # serving other sessions (the rewrite of a 100 KB address field takes tens of milliseconds).
 _INLINE_REWRITE = 16 * 1024
 _BLANK = b"\r\n\r\n"
+
+log = get_logger("pyrelay.cleanup")
 
 TOO_BIG = SMTPReply(552, "5.3.4", "Message size exceeds fixed limit")
 TOO_MANY_HOPS = SMTPReply(554, "5.4.6", "Too many hops")
@@ -111,6 +115,14 @@ class Cleanup:
         self._collecting = True
         self._discarding = False  # past header_size_limit: drop header bytes up to the body
         self._window = b""
+        # DKIM: the keys (if any domain has one), the rewritten header block of a message whose
+        # From domain has a key, and the body hash, computed as the body streams through.
+        signer = dkim.signer_for(
+            dkim.key_dir(settings.spool_dir, settings.dkim_key_dir), settings.dkim_selector
+        )
+        self.signer: dkim.Signer | None = signer if signer.domains else None
+        self._signed_head: bytes | None = None
+        self._body_hash: dkim.BodyHash | None = None
 
     @property
     def queue_id(self) -> str:
@@ -148,6 +160,8 @@ class Cleanup:
     async def _body(self, data: bytes) -> None:
         if not self.eightbit and not data.isascii():
             self.eightbit = True
+        if self._body_hash is not None:
+            self._body_hash.update(data)
         await self.writer.write(data)
 
     async def _headers_done(self, head: bytes) -> None:
@@ -160,10 +174,35 @@ class Cleanup:
         self.hops = rewritten.hops
         if not rewritten.headers.isascii():
             self.utf8_headers = self.eightbit = True
+        if self.signer is not None:
+            self._dkim_start(rewritten.headers)
         await self.writer.write(rewritten.headers)
         rest = source[rewritten.body_start :]
         if rest:
             await self._body(rest)
+
+    def _dkim_start(self, headers: bytes) -> None:
+        """Hash the body if the From domain (after masquerading) has a key."""
+        assert self.signer is not None
+        domain = dkim.from_domain(dkim.parse_headers(headers))
+        if self.signer.keys_for(domain) is None:
+            return
+        self._signed_head = headers
+        self._body_hash = dkim.BodyHash()
+        self.writer.reserve(dkim.PREPEND_RESERVE)
+
+    async def _dkim_sign(self) -> bytes:
+        """The signature fields, computed in a thread (RSA costs about a millisecond)."""
+        signer, head, body = self.signer, self._signed_head, self._body_hash
+        if signer is None or head is None or body is None:
+            return b""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, signer.sign, head, body)
+        except Exception as exc:
+            # Never lose a message over its signature: relay it unsigned, and say so.
+            log.error("dkim_sign_failed", queue_id=self.queue_id, reason=repr(exc))
+            return b""
 
     async def _headers_too_long(self, head: bytes) -> None:
         """Postfix ``header_size_limit``: the header block is kept up to the limit and the
@@ -222,11 +261,18 @@ class Cleanup:
             raise TOO_MANY_HOPS
         # Postfix downgrades an all-ASCII message sent with SMTPUTF8 (RFC 6531 3.4).
         smtputf8 = self.utf8_envelope or self.utf8_headers
+        prepend = await self._dkim_sign()
+        if prepend and not self.writer.set_prepend(prepend):
+            log.warning("dkim_signature_too_large", queue_id=self.queue_id, size=len(prepend))
+            prepend = b""
         try:
             await self.writer.commit(smtputf8=smtputf8, eightbit=self.eightbit)
         except SpoolError:
             raise
-        return Accepted(self.envelope, self.writer.payload)
+        payload = self.writer.payload
+        if prepend and payload is not None:
+            payload = prepend + payload
+        return Accepted(self.envelope, payload)
 
     async def abort(self) -> None:
         await self.writer.abort()

@@ -56,9 +56,10 @@ def register(sub: Subparsers) -> None:
     )
     add_json_flag(p)
 
-    from pyrelay import queue_commands
+    from pyrelay import dkim_commands, queue_commands
 
     queue_commands.register(sub)
+    dkim_commands.register(sub)
 
     from pyrelay import user_commands
 
@@ -186,6 +187,9 @@ _HINTS = {
     "that signed it, or see RELAYHOST_TLS_LEVEL in the README",
     "auth": "check RELAYHOST_USERNAME and RELAYHOST_PASSWORD (SendGrid's user name is "
     "literally 'apikey')",
+    "token": "the OAuth2 token endpoint refused the refresh: check XOAUTH2_CLIENT_ID, "
+    "XOAUTH2_SECRET and XOAUTH2_TOKEN_ENDPOINT; a revoked grant needs a new "
+    "XOAUTH2_INITIAL_REFRESH_TOKEN",
 }
 
 
@@ -216,6 +220,8 @@ async def _probe_upstream(settings: Settings, timeout: float) -> dict[str, Any]:
     from pyrelay.errors import DeliveryError
 
     order = [str(s) for s in (Step.DNS, Step.TCP, Step.GREETING, Step.TLS, Step.AUTH)]
+    if settings.xoauth2:
+        order.insert(order.index("auth"), str(Step.TOKEN))
     steps: list[tuple[Step, str]] = []
     report: dict[str, Any] = {
         "ok": False,

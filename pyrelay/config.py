@@ -34,6 +34,34 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_MYNETWORKS = "127.0.0.0/8 10.0.0.0/8 172.16.0.0/12 192.168.0.0/16 ::1/128 fc00::/7"
 MASK = "********"
+# Secrets that also accept <NAME>_FILE (field names; the variable is the upper-case name).
+SECRET_FIELDS = (
+    "relayhost_username",
+    "relayhost_password",
+    "xoauth2_client_id",
+    "xoauth2_secret",
+    "xoauth2_initial_access_token",
+    "xoauth2_initial_refresh_token",
+    "smtpd_sasl_users",
+)
+# Shown masked by `pyrelay config` and the start-up log line (the username and the OAuth2
+# client ID are not secret).
+MASKED_FIELDS = frozenset(
+    {
+        "relayhost_password",
+        "xoauth2_secret",
+        "xoauth2_initial_access_token",
+        "xoauth2_initial_refresh_token",
+        "smtpd_sasl_users",
+    }
+)
+# The token endpoints Google and Microsoft document for their SMTP servers.
+TOKEN_ENDPOINTS = {
+    "gmail.com": "https://oauth2.googleapis.com/token",
+    "googlemail.com": "https://oauth2.googleapis.com/token",
+    "office365.com": "https://login.microsoftonline.com/common/oauth2/v2.0/token",
+    "outlook.com": "https://login.microsoftonline.com/common/oauth2/v2.0/token",
+}
 
 
 class TLSLevel(StrEnum):
@@ -315,6 +343,45 @@ class Settings(BaseSettings):
     drain_grace: float = Field(default=5.0, validation_alias=AliasChoices("PYRELAY_DRAIN_GRACE"))
     # The header From: of bounces; empty means MAILER-DAEMON@<hostname>.
     bounce_from: str = Field(default="", validation_alias=AliasChoices("PYRELAY_BOUNCE_FROM"))
+    # DKIM signing (pyrelay.dkim), boky/postfix's names.
+    dkim_selector: str = Field(default="mail", validation_alias=AliasChoices("DKIM_SELECTOR"))
+    dkim_autogenerate: bool = Field(
+        default=False, validation_alias=AliasChoices("DKIM_AUTOGENERATE")
+    )
+    dkim_key_dir: Path | None = Field(
+        default=None, validation_alias=AliasChoices("PYRELAY_DKIM_KEY_DIR")
+    )
+
+    # XOAUTH2 upstream authentication (pyrelay.xoauth2), boky/postfix's names; the mailbox is
+    # RELAYHOST_USERNAME.
+    xoauth2_client_id: SecretStr = Field(
+        default=SecretStr(""), validation_alias=AliasChoices("XOAUTH2_CLIENT_ID")
+    )
+    xoauth2_secret: SecretStr = Field(
+        default=SecretStr(""), validation_alias=AliasChoices("XOAUTH2_SECRET")
+    )
+    xoauth2_initial_access_token: SecretStr = Field(
+        default=SecretStr(""), validation_alias=AliasChoices("XOAUTH2_INITIAL_ACCESS_TOKEN")
+    )
+    xoauth2_initial_refresh_token: SecretStr = Field(
+        default=SecretStr(""), validation_alias=AliasChoices("XOAUTH2_INITIAL_REFRESH_TOKEN")
+    )
+    xoauth2_token_endpoint: str = Field(
+        default="", validation_alias=AliasChoices("XOAUTH2_TOKEN_ENDPOINT")
+    )
+    xoauth2_client_id_file: Path | None = Field(
+        default=None, validation_alias=AliasChoices("XOAUTH2_CLIENT_ID_FILE")
+    )
+    xoauth2_secret_file: Path | None = Field(
+        default=None, validation_alias=AliasChoices("XOAUTH2_SECRET_FILE")
+    )
+    xoauth2_initial_access_token_file: Path | None = Field(
+        default=None, validation_alias=AliasChoices("XOAUTH2_INITIAL_ACCESS_TOKEN_FILE")
+    )
+    xoauth2_initial_refresh_token_file: Path | None = Field(
+        default=None, validation_alias=AliasChoices("XOAUTH2_INITIAL_REFRESH_TOKEN_FILE")
+    )
+
     # Shown by `pyrelay config`; read by load_settings before the other values.
     env_file: Path | None = Field(default=None, validation_alias=AliasChoices("PYRELAY_ENV_FILE"))
 
@@ -452,7 +519,29 @@ class Settings(BaseSettings):
                 raise ValueError(f"invalid network {item!r} (use CIDR like 10.0.0.0/8)") from None
         return tuple(nets)
 
-    @field_validator("allow_empty_sender_domains", "allow_null_sender", mode="before")
+    @field_validator("dkim_selector", mode="before")
+    @classmethod
+    def _dkim_selector(cls, value: object) -> str:
+        from pyrelay.dkim import DKIMError, Selectors
+
+        text = str(value or "").strip() or "mail"
+        try:
+            Selectors.parse(text)
+        except DKIMError as exc:
+            raise ValueError(str(exc)) from None
+        return text
+
+    @field_validator("xoauth2_token_endpoint", mode="before")
+    @classmethod
+    def _token_endpoint(cls, value: object) -> str:
+        text = str(value or "").strip()
+        if text and not re.match(r"https?://[^/\s]+", text):
+            raise ValueError(f"invalid URL {text!r} (use https://host/path)")
+        return text
+
+    @field_validator(
+        "allow_empty_sender_domains", "allow_null_sender", "dkim_autogenerate", mode="before"
+    )
     @classmethod
     def _bool(cls, value: object) -> bool:
         return _truthy(value)
@@ -516,35 +605,18 @@ class Settings(BaseSettings):
     def _cross_checks(self) -> Settings:
         if not self.bounce_from:
             object.__setattr__(self, "bounce_from", f"MAILER-DAEMON@{self.hostname}")
-        for name in ("username", "password"):
-            path: Path | None = getattr(self, f"relayhost_{name}_file")
+        for name in SECRET_FIELDS:
+            path: Path | None = getattr(self, f"{name}_file")
             if path is None:
                 continue
-            if getattr(self, f"relayhost_{name}").get_secret_value():
-                raise ValueError(
-                    f"RELAYHOST_{name.upper()}_FILE: set RELAYHOST_{name.upper()} or "
-                    f"RELAYHOST_{name.upper()}_FILE, not both"
-                )
+            env = name.upper()
+            if getattr(self, name).get_secret_value():
+                raise ValueError(f"{env}_FILE: set {env} or {env}_FILE, not both")
             try:
                 secret = path.read_text(encoding="utf-8").rstrip("\r\n")
             except OSError as exc:
-                raise ValueError(
-                    f"RELAYHOST_{name.upper()}_FILE: cannot read {path}: {exc.strerror}"
-                ) from None
-            object.__setattr__(self, f"relayhost_{name}", SecretStr(secret))
-        if self.smtpd_sasl_users_file is not None:
-            if self.smtpd_sasl_users.get_secret_value():
-                raise ValueError(
-                    "SMTPD_SASL_USERS_FILE: set SMTPD_SASL_USERS or SMTPD_SASL_USERS_FILE, not both"
-                )
-            try:
-                users = self.smtpd_sasl_users_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ValueError(
-                    f"SMTPD_SASL_USERS_FILE: cannot read {self.smtpd_sasl_users_file}: "
-                    f"{exc.strerror}"
-                ) from None
-            object.__setattr__(self, "smtpd_sasl_users", SecretStr(users))
+                raise ValueError(f"{env}_FILE: cannot read {path}: {exc.strerror}") from None
+            object.__setattr__(self, name, SecretStr(secret))
         if self.tls_key_file is not None and self.tls_cert_file is None:
             raise ValueError("PYRELAY_TLS_KEY_FILE: set PYRELAY_TLS_CERT_FILE too")
         if self.smtpd_tls_level is None:
@@ -552,7 +624,12 @@ class Settings(BaseSettings):
             object.__setattr__(self, "smtpd_tls_level", level)
         user = self.relayhost_username.get_secret_value()
         password = self.relayhost_password.get_secret_value()
-        if bool(user) != bool(password):
+        if self.xoauth2:
+            if not user:
+                raise ValueError("RELAYHOST_USERNAME: required with XOAUTH2 (the mailbox)")
+            if not self.token_endpoint:
+                raise ValueError("XOAUTH2_TOKEN_ENDPOINT: required (no default for this RELAYHOST)")
+        elif bool(user) != bool(password):
             missing = "RELAYHOST_PASSWORD" if user else "RELAYHOST_USERNAME"
             raise ValueError(f"{missing}: required when the other credential is set")
         if not self.allowed_sender_domains and not self.allow_empty_sender_domains:
@@ -565,6 +642,22 @@ class Settings(BaseSettings):
         if self.tls_ca_file is not None and not self.tls_ca_file.is_file():
             raise ValueError(f"RELAYHOST_TLS_CA_FILE: no such file {self.tls_ca_file}")
         return self
+
+    @property
+    def xoauth2(self) -> bool:
+        """XOAUTH2 instead of a password (``XOAUTH2_CLIENT_ID`` set)."""
+        return bool(self.xoauth2_client_id.get_secret_value())
+
+    @property
+    def token_endpoint(self) -> str:
+        """``XOAUTH2_TOKEN_ENDPOINT``, or the documented one of a known provider's RELAYHOST."""
+        if self.xoauth2_token_endpoint:
+            return self.xoauth2_token_endpoint
+        host = self.relayhost.host.lower()
+        for suffix, url in TOKEN_ENDPOINTS.items():
+            if host == suffix or host.endswith("." + suffix):
+                return url
+        return ""
 
     @property
     def has_credentials(self) -> bool:
@@ -585,11 +678,11 @@ class Settings(BaseSettings):
         """The effective configuration keyed by environment variable, secrets masked."""
         out: dict[str, str] = {}
         for name in type(self).model_fields:
-            if name.endswith("_file") and name.startswith(("relayhost_", "smtpd_sasl_")):
+            if name.endswith("_file") and name.removesuffix("_file") in SECRET_FIELDS:
                 continue
             env = _env_name(name)
             value = getattr(self, name)
-            out[env] = _render(value, secret=name in ("relayhost_password", "smtpd_sasl_users"))
+            out[env] = _render(value, secret=name in MASKED_FIELDS)
         return out
 
 

@@ -19,9 +19,11 @@ from enum import StrEnum
 from typing import cast
 
 import aiosmtplib
+from aiosmtplib import SMTPResponse
 
 from pyrelay.config import HostPort, Settings, TLSLevel
 from pyrelay.errors import DeliveryError
+from pyrelay.logging import get_logger
 from pyrelay.transaction import (
     BadCommand,
     ConnectionLost,
@@ -34,6 +36,9 @@ from pyrelay.transaction import (
     command_arg,
     run_transaction,
 )
+from pyrelay.xoauth2 import TokenError, XOAuth2
+
+log = get_logger("pyrelay.delivery")
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 
@@ -94,6 +99,7 @@ class Step(StrEnum):
     TCP = "tcp"
     GREETING = "greeting"
     TLS = "tls"
+    TOKEN = "token"
     AUTH = "auth"
 
 
@@ -190,6 +196,7 @@ class Upstream:
             make_tls_context(settings) if settings.tls_level is not TLSLevel.NONE else None
         )
         self._clients: weakref.WeakSet[aiosmtplib.SMTP] = weakref.WeakSet()
+        self.oauth = XOAuth2(settings) if settings.xoauth2 else None
 
     def abort_all(self) -> None:
         """Close every open upstream connection (shutdown, after the grace period): whatever
@@ -322,9 +329,13 @@ class Upstream:
                 kind=Step.AUTH,
             )
         try:
-            reply = await client.login(
-                s.relayhost_username.get_secret_value(), s.relayhost_password.get_secret_value()
-            )
+            if self.oauth is not None:
+                reply = await self._auth_xoauth2(client, relay, self.oauth, steps)
+            else:
+                reply = await client.login(
+                    s.relayhost_username.get_secret_value(),
+                    s.relayhost_password.get_secret_value(),
+                )
         except aiosmtplib.SMTPAuthenticationError as exc:
             raise DeliveryError(
                 "4.7.0",
@@ -344,6 +355,46 @@ class Upstream:
             ) from None
         if steps is not None:
             steps.append((Step.AUTH, f"{reply.code} {one_line(reply.message)}"))
+
+    async def _auth_xoauth2(
+        self,
+        client: aiosmtplib.SMTP,
+        relay: str,
+        oauth: XOAuth2,
+        steps: list[tuple[Step, str]] | None,
+    ) -> SMTPResponse:
+        """AUTH XOAUTH2 with a current access token; when the upstream refuses it (334/535: a
+        token revoked or expired early), refresh it once and try again."""
+
+        async def get(stale: str = "") -> str:
+            try:
+                return await oauth.token(stale=stale)
+            except TokenError as exc:
+                raise DeliveryError(
+                    "4.7.0", f"SASL authentication failed; XOAUTH2: {exc}", kind=Step.TOKEN
+                ) from None
+
+        token = await get()
+        if steps is not None:
+            steps.append((Step.TOKEN, f"access token for {oauth.mailbox} from {oauth._where()}"))
+        if "xoauth2" not in client.server_auth_methods:
+            raise DeliveryError(
+                "4.7.0",
+                f"SASL authentication failed; server {relay} does not offer AUTH XOAUTH2",
+                kind=Step.AUTH,
+            )
+        try:
+            return await client.auth_xoauth2(oauth.mailbox, token)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            if exc.code not in (334, 535):
+                raise
+            log.info(
+                "xoauth2_token_refused",
+                relay=relay,
+                reply=f"{exc.code} {one_line(exc.message)}",
+                action="refreshing the token once",
+            )
+        return await client.auth_xoauth2(oauth.mailbox, await get(stale=token))
 
     async def transaction(
         self,

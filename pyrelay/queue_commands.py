@@ -273,12 +273,14 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
 def _unstuffed(spool: Spool, entry: OpenEntry) -> bytes:
     from pyrelay.wire import dot_unstuff
 
-    return dot_unstuff(spool.read_message(entry, 0, entry.envelope.size))
+    prepend = entry.envelope.prepend.encode("ascii")  # the DKIM signature, sent first
+    return prepend + dot_unstuff(spool.read_message(entry, 0, entry.envelope.size))
 
 
 def _write_message(spool: Spool, entry: OpenEntry) -> None:
     """The message as it will be relayed, un-stuffed, with LF line ends, chunk by chunk."""
     out = sys.stdout.buffer
+    out.write(entry.envelope.prepend.encode("ascii").replace(b"\r\n", b"\n"))
     pos, size, line_start = 0, entry.envelope.size, True
     while pos < size:
         chunk = spool.read_message(entry, pos, min(1 << 20, size - pos))

@@ -6,6 +6,12 @@ A queue file is written once and never changed afterwards::
     <envelope JSON>\\n
     <message in wire form: CRLF line endings, dot-stuffed, no terminating ".">
 
+The envelope may carry ``prepend``: header fields computed after the message was streamed into
+the file (DKIM signatures need the whole body), sent before the message's bytes.  The writer
+reserves room for them by padding the envelope JSON with spaces (JSON allows trailing
+whitespace) and fills them in with the same ``pwrite`` as the size; the message size in the
+preamble does not count them.
+
 The first line has a fixed width, so the writer can stream the message into the file and fill in
 its size and flags (SMTPUTF8, 8-bit) at the end with one ``pwrite``.  Keeping the wire form means
 a delivery sends the file's bytes as they are.
@@ -57,6 +63,7 @@ class Envelope:
     last_error: str = ""
     delivered: list[str] = field(default_factory=list)
     state: str = "incoming"
+    prepend: str = ""  # header fields sent before the message (ASCII, CRLF-terminated)
 
     def immutable_json(self) -> bytes:
         # Explicit dict: dataclasses.asdict deep-copies recursively and was visible in profiles.
@@ -67,6 +74,8 @@ class Envelope:
             "arrival": self.arrival,
             "client": self.client,
         }
+        if self.prepend:
+            data["prepend"] = self.prepend
         return _ENCODER.encode(data).encode("ascii")
 
     def status_json(self) -> bytes:
@@ -215,6 +224,7 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "next_attempt": (int, float),
     "last_error": str,
     "delivered": list,
+    "prepend": str,
 }
 
 

@@ -194,11 +194,15 @@ class SpoolBody:
 
     @property
     def size(self) -> int:
-        return self.entry.envelope.size
+        """What is sent: the prepended fields (see ``pyrelay.queuefile``) and the message."""
+        return len(self.entry.envelope.prepend) + self.entry.envelope.size
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        prepend = self.entry.envelope.prepend
+        if prepend:
+            yield prepend.encode("ascii")
         pos = 0
-        size = self.size
+        size = self.entry.envelope.size
         while pos < size:
             n = min(self.CHUNK, size - pos)
             chunk = await self.spool.run(self.spool.read_message, self.entry, pos, n)
@@ -210,9 +214,13 @@ class SpoolBody:
 
     async def head(self, limit: int) -> bytes:
         """The first ``limit`` bytes (the header block, for a bounce)."""
-        data = await self.spool.run(self.spool.read_message, self.entry, 0, min(limit, self.size))
+        prepend = self.entry.envelope.prepend.encode("ascii")
+        want = min(limit, self.size) - len(prepend)
+        if want <= 0:
+            return prepend[:limit]
+        data = await self.spool.run(self.spool.read_message, self.entry, 0, want)
         assert isinstance(data, bytes)
-        return data
+        return prepend + data
 
 
 class Spool:
@@ -537,6 +545,20 @@ class EntryWriter:
             except OSError as exc:
                 self.failed = exc
 
+    def reserve(self, size: int) -> None:
+        """Keep ``size`` bytes in the envelope for ``set_prepend`` (before the first write)."""
+        if self._fd is None:
+            self._head = self.env.immutable_json() + b" " * size
+
+    def set_prepend(self, prepend: bytes) -> bool:
+        """Header fields to send before the message (computed once the message is written);
+        False when they do not fit in the room ``reserve`` kept (then nothing is prepended)."""
+        self.env.prepend = prepend.decode("ascii")
+        if self._fd is not None and len(self.env.immutable_json()) > len(self._head):
+            self.env.prepend = ""
+            return False
+        return True
+
     def _take(self) -> list[Chunk]:
         parts, self._buffer, self._buffered = self._buffer, [], 0
         return parts
@@ -579,7 +601,10 @@ class EntryWriter:
         else:
             fd = self._fd
             _write_all(fd, parts)
-            os.pwrite(fd, preamble(len(self._head), self.size, flags), 0)
+            head = self._head
+            if self.env.prepend:
+                head = self.env.immutable_json().ljust(len(head))
+            os.pwrite(fd, preamble(len(head), self.size, flags) + head, 0)
         os.fsync(fd)
         if self.size > self.SPILL:
             # The bytes are on disk now; do not let a large message's page cache count
