@@ -54,6 +54,14 @@ class TLSLevel(StrEnum):
         return self in (TLSLevel.VERIFY, TLSLevel.SECURE)
 
 
+class DeliveryMode(StrEnum):
+    """``PYRELAY_DELIVERY``: through ``RELAYHOST`` (``relay``) or straight to the recipients'
+    MX hosts (``mx``, only when asked for: never a silent fallback)."""
+
+    RELAY = "relay"
+    MX = "mx"
+
+
 class LogFormat(StrEnum):
     CONSOLE = "console"
     JSON = "json"
@@ -183,8 +191,10 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
+    # Required, except with PYRELAY_DELIVERY=mx (checked in _cross_checks); unset is an
+    # empty host.
     relayhost: Annotated[HostPort, NoDecode] = Field(
-        validation_alias=AliasChoices("RELAYHOST", "relayhost")
+        default=HostPort("", 0), validation_alias=AliasChoices("RELAYHOST", "relayhost")
     )
     relayhost_username: SecretStr = Field(
         default=SecretStr(""), validation_alias=AliasChoices("RELAYHOST_USERNAME")
@@ -197,6 +207,35 @@ class Settings(BaseSettings):
     )
     relayhost_password_file: Path | None = Field(
         default=None, validation_alias=AliasChoices("RELAYHOST_PASSWORD_FILE")
+    )
+    # Routing (pyrelay.routes, pyrelay.mx): the default route's fallback relay (its
+    # credentials default to RELAYHOST's), a routes file per sender domain, direct MX delivery.
+    relayhost_fallback: Annotated[HostPort | None, NoDecode] = Field(
+        default=None, validation_alias=AliasChoices("RELAYHOST_FALLBACK")
+    )
+    relayhost_fallback_username: SecretStr = Field(
+        default=SecretStr(""), validation_alias=AliasChoices("RELAYHOST_FALLBACK_USERNAME")
+    )
+    relayhost_fallback_password: SecretStr = Field(
+        default=SecretStr(""), validation_alias=AliasChoices("RELAYHOST_FALLBACK_PASSWORD")
+    )
+    relayhost_fallback_username_file: Path | None = Field(
+        default=None, validation_alias=AliasChoices("RELAYHOST_FALLBACK_USERNAME_FILE")
+    )
+    relayhost_fallback_password_file: Path | None = Field(
+        default=None, validation_alias=AliasChoices("RELAYHOST_FALLBACK_PASSWORD_FILE")
+    )
+    routes_file: Path | None = Field(
+        default=None, validation_alias=AliasChoices("PYRELAY_ROUTES_FILE")
+    )
+    delivery: DeliveryMode = Field(
+        default=DeliveryMode.RELAY, validation_alias=AliasChoices("PYRELAY_DELIVERY")
+    )
+    dns_servers: Annotated[tuple[HostPort, ...], NoDecode] = Field(
+        default=(), validation_alias=AliasChoices("PYRELAY_DNS_SERVERS")
+    )
+    mx_port: int = Field(
+        default=25, ge=1, le=65535, validation_alias=AliasChoices("PYRELAY_MX_PORT")
     )
     tls_level: TLSLevel = Field(
         default=TLSLevel.SECURE,
@@ -325,6 +364,23 @@ class Settings(BaseSettings):
             return HostPort(*value)
         return parse_host_port(str(value), 25, what="RELAYHOST")
 
+    @field_validator("relayhost_fallback", mode="before")
+    @classmethod
+    def _fallback(cls, value: object) -> HostPort | None:
+        if value is None or isinstance(value, HostPort):
+            return value
+        if isinstance(value, tuple):
+            return HostPort(*value)
+        return parse_host_port(str(value), 25, what="RELAYHOST_FALLBACK")
+
+    @field_validator("dns_servers", mode="before")
+    @classmethod
+    def _dns_servers(cls, value: object) -> tuple[HostPort, ...]:
+        return tuple(
+            item if isinstance(item, HostPort) else parse_host_port(item, 53, what="DNS server")
+            for item in split_list(value)
+        )
+
     @field_validator("workers", mode="before")
     @classmethod
     def _workers(cls, value: object) -> object:
@@ -405,7 +461,7 @@ class Settings(BaseSettings):
     def _duration(cls, value: object) -> float:
         return parse_duration(value)
 
-    @field_validator("tls_level", "log_format", mode="before")
+    @field_validator("tls_level", "log_format", "delivery", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
@@ -446,22 +502,32 @@ class Settings(BaseSettings):
     def _cross_checks(self) -> Settings:
         if not self.bounce_from:
             object.__setattr__(self, "bounce_from", f"MAILER-DAEMON@{self.hostname}")
-        for name in ("username", "password"):
-            path: Path | None = getattr(self, f"relayhost_{name}_file")
-            if path is None:
-                continue
-            if getattr(self, f"relayhost_{name}").get_secret_value():
+        for prefix in ("relayhost", "relayhost_fallback"):
+            for name in ("username", "password"):
+                path: Path | None = getattr(self, f"{prefix}_{name}_file")
+                if path is None:
+                    continue
+                var = f"{prefix}_{name}".upper()
+                if getattr(self, f"{prefix}_{name}").get_secret_value():
+                    raise ValueError(f"{var}_FILE: set {var} or {var}_FILE, not both")
+                try:
+                    secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+                except OSError as exc:
+                    raise ValueError(f"{var}_FILE: cannot read {path}: {exc.strerror}") from None
+                object.__setattr__(self, f"{prefix}_{name}", SecretStr(secret))
+        if self.delivery is DeliveryMode.MX:
+            if self.relayhost.host:
                 raise ValueError(
-                    f"RELAYHOST_{name.upper()}_FILE: set RELAYHOST_{name.upper()} or "
-                    f"RELAYHOST_{name.upper()}_FILE, not both"
+                    "PYRELAY_DELIVERY: mx delivers to the recipients' MX hosts; unset RELAYHOST "
+                    "(or unset PYRELAY_DELIVERY to relay through it)"
                 )
-            try:
-                secret = path.read_text(encoding="utf-8").rstrip("\r\n")
-            except OSError as exc:
-                raise ValueError(
-                    f"RELAYHOST_{name.upper()}_FILE: cannot read {path}: {exc.strerror}"
-                ) from None
-            object.__setattr__(self, f"relayhost_{name}", SecretStr(secret))
+        elif not self.relayhost.host:
+            raise ValueError("RELAYHOST: required but not set")
+        fb_user = self.relayhost_fallback_username.get_secret_value()
+        fb_password = self.relayhost_fallback_password.get_secret_value()
+        if bool(fb_user) != bool(fb_password):
+            missing = "RELAYHOST_FALLBACK_PASSWORD" if fb_user else "RELAYHOST_FALLBACK_USERNAME"
+            raise ValueError(f"{missing}: required when the other credential is set")
         user = self.relayhost_username.get_secret_value()
         password = self.relayhost_password.get_secret_value()
         if bool(user) != bool(password):
@@ -495,7 +561,7 @@ class Settings(BaseSettings):
                 continue
             env = _env_name(name)
             value = getattr(self, name)
-            out[env] = _render(value, secret=name == "relayhost_password")
+            out[env] = _render(value, secret=name.endswith("_password"))
         return out
 
 
@@ -514,6 +580,8 @@ def _render(value: object, *, secret: bool = False) -> str:
         return (MASK if raw else "") if secret else raw
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, HostPort) and not value.host:
+        return ""
     if isinstance(value, tuple) and not isinstance(value, HostPort):
         return " ".join(str(v) for v in value)
     if value is None:
