@@ -82,7 +82,10 @@ password_file = "b.secret"
             "user-a",
             "app@a.example",
         )
-        assert (b.state.messages[0].user, b.state.messages[0].rcpt_tos) == ("user-b", ["y@dest.test"])
+        assert (b.state.messages[0].user, b.state.messages[0].rcpt_tos) == (
+            "user-b",
+            ["y@dest.test"],
+        )
         assert default.state.messages[0].user == USER
         assert logs.has("event=sent", f"relay=127.0.0.1[127.0.0.1]:{b.port}", "to=<y@dest.test>")
 
