@@ -4,7 +4,6 @@ together still send at the route's rate (real subprocess relay)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import smtplib
 import time
 from collections.abc import Callable
@@ -122,4 +121,4 @@ async def test_two_workers_together_send_at_the_route_rate(
     assert {worker_of(q) for q in ids} == {0, 1}, ids  # both processes took messages
     # One bucket for both: 10 messages at 2/s span 4.5 s (two per-process buckets: ~2 s).
     assert times[-1] - start >= 4.0, [round(t - start, 2) for t in times]
-    assert os.path.exists(tmp_path / "spool" / "ratelimit" / "example.org.bucket")
+    assert (tmp_path / "spool" / "ratelimit" / "example.org.bucket").exists()  # noqa: ASYNC240

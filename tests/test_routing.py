@@ -324,3 +324,24 @@ async def test_throttling_defers_without_counting_and_halves_the_rate(
     assert logs.has("event=throttled", "route=example.org")
     assert logs.has("event=deferred", "Throttling failure")
     assert not logs.has("event=bounced")
+
+
+async def test_queue_by_destination(make_relay: Callable[..., Any], tmp_path: Path) -> None:
+    async with make_relay(None, relayhost=f"[127.0.0.1]:{free_port()}") as relay:
+        await relay.asend("app@example.org", ["a@one.test", "b@one.test", "c@two.test"], MESSAGE)
+        await relay.asend("app@example.org", ["d@one.test"], MESSAGE)
+        spool = tmp_path / "spool"
+        await wait_until(lambda: len(list((spool / "deferred").iterdir())) == 2)
+        env = relay_env(relay_port=free_port(), sink_port=9, spool=spool)
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "pyrelay", "queue", "--by-destination", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    assert out.returncode == 0, out.stderr
+    assert __import__("json").loads(out.stdout) == {
+        "one.test": {"recipients": 3, "messages": 2},
+        "two.test": {"recipients": 1, "messages": 1},
+    }
