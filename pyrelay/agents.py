@@ -1,22 +1,29 @@
 """Delivery agents: ``PYRELAY_CONCURRENCY`` tasks that take work items from the scheduler's
 active queue, claim the entry (a rename into ``active/``), run one attempt upstream over a
 reused connection, and hand the results to the outcome recorder.
+
+The attempt follows the sender's route (``pyrelay.routes``): its rate (``pyrelay.ratelimit``),
+its relay host and, when that fails temporarily, its fallback in the same attempt; or the
+recipients' MX hosts (``pyrelay.mx``).  An agent keeps one session per relay target.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from pyrelay.config import Settings
+from pyrelay.config import DeliveryMode, Settings
 from pyrelay.delivery import InMemoryBody, Outcome, RecipientResult, Session, Upstream
 from pyrelay.errors import DeliveryError
 from pyrelay.logging import get_logger
 from pyrelay.metrics import Metrics
+from pyrelay.mx import MXDelivery, Tried
 from pyrelay.outcome import BOUNCE_HEADERS, OutcomeRecorder
 from pyrelay.queuefile import CorruptEntry, Envelope
+from pyrelay.ratelimit import RateLimiter, is_throttling
+from pyrelay.routes import Route, RouteTable, Target, route_counter
 from pyrelay.spool import OpenEntry, Spool, SpoolBody
 from pyrelay.transaction import MessageBody
 
@@ -49,6 +56,25 @@ class DueEntry:
 
 
 WorkItem = FreshMessage | DueEntry
+Sessions = dict[object, Session]
+# Open sessions an agent keeps (one per relay target); past it the oldest is closed.
+SESSIONS_PER_AGENT = 8
+
+
+@dataclass(slots=True)
+class Attempt:
+    """What one attempt did: per-recipient results, the relay that took the message (the
+    relay of each recipient when they differ), and ``retry_in`` when every deferral was "not
+    now" (rate limit, throttling, busy destination) rather than a failed attempt."""
+
+    results: list[RecipientResult]
+    relay: str
+    relays: dict[str, str] | None = None
+    retry_in: float | None = None
+
+
+def _deferred(recipients: list[str], dsn: str, text: str) -> list[RecipientResult]:
+    return [RecipientResult(r, Outcome.DEFERRED, dsn, text) for r in recipients]
 
 
 class Suspension:
@@ -94,9 +120,20 @@ class DeliveryAgents:
         self.recorder = recorder
         self.take = take
         self.suspension = Suspension(settings)
+        self.routes = RouteTable(settings)
+        self.limiter = RateLimiter(settings.spool_dir)
+        self.route_results = route_counter(metrics.registry)
+        self.mx = MXDelivery(settings, self._via) if settings.delivery is DeliveryMode.MX else None
+        default = self.routes.default.primary
+        self._upstreams: dict[object, Upstream] = {default.key: upstream} if default else {}
+        self._suspensions: dict[object, Suspension] = (
+            {default.key: self.suspension} if default else {}
+        )
+        self._route_active: dict[str, int] = {}
+        self.busy_retry = max(0.5, min(settings.min_backoff, 5.0))
         self._tasks: list[asyncio.Task[None]] = []
         self._busy: dict[asyncio.Task[None], str] = {}
-        self._inflight: dict[asyncio.Task[None], asyncio.Future[Session | None]] = {}
+        self._inflight: dict[asyncio.Task[None], asyncio.Future[None]] = {}
         self._closing = False
 
     def start(self) -> None:
@@ -131,57 +168,69 @@ class DeliveryAgents:
                 # had them already: the at-least-once window).
                 for fut in inner:
                     fut.cancel()
-                self.upstream.abort_all()
+                for up in self._upstreams.values():
+                    up.abort_all()
+                if self.mx is not None:
+                    self.mx.abort_all()
                 await asyncio.wait(inner, timeout=1.0)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.limiter.close()
+
+    def clear_suspensions(self) -> None:
+        """``pyrelay queue flush``: try every relay target and destination again."""
+        for suspension in self._suspensions.values():
+            suspension.clear()
+        if self.mx is not None:
+            self.mx.clear()
 
     async def _run(self) -> None:
-        session: Session | None = None
+        sessions: Sessions = {}
         idle = self.settings.upstream_idle_timeout
         task = asyncio.current_task()
         assert task is not None
         try:
             while not self._closing:
                 try:
-                    if session is None:
+                    if not sessions:
                         item = await self.take()
                     else:
                         item = await asyncio.wait_for(self.take(), idle)
                 except TimeoutError:
-                    if session is not None:
+                    idle_sessions = list(sessions.values())
+                    sessions.clear()
+                    for session in idle_sessions:
                         await self.upstream.close(session)
-                    session = None
                     continue
                 if self._closing:
                     break  # durable on disk; the next start picks it up
                 self._busy[task] = item.queue_id
-                inner = asyncio.ensure_future(self._deliver(item, session))
+                inner = asyncio.ensure_future(self._deliver(item, sessions))
                 self._inflight[task] = inner
                 try:
-                    session = await asyncio.shield(inner)
+                    await asyncio.shield(inner)
                 finally:
                     self._busy.pop(task, None)
                     self._inflight.pop(task, None)
         finally:
-            if session is not None:
+            for session in sessions.values():
                 session.client.close()
 
-    async def _deliver(self, item: WorkItem, session: Session | None) -> Session | None:
+    async def _deliver(self, item: WorkItem, sessions: Sessions) -> None:
         queue_id = item.queue_id
         try:
             if not self.spool.claim(queue_id, item.state):
-                return session  # held, deleted or taken by someone else since it was queued
+                return  # held, deleted or taken by someone else since it was queued
         except OSError as exc:
             # A read-only or broken spool: the entry stays where it is for a later scan.
             log.error("queue_file_move_failed", queue_id=queue_id, reason=exc.strerror or str(exc))
-            return session
+            return
         action = self.spool.pending_request(queue_id)
         if action is not None:
             self.spool.honour_request(queue_id, action)
             log.info("operator_request", queue_id=queue_id, action=action)
-            return session
+            return
         entry: OpenEntry | None = None
         try:
             if isinstance(item, FreshMessage) and item.payload is not None:
@@ -197,9 +246,9 @@ class DeliveryAgents:
                 try:
                     entry = await self._open(queue_id)
                 except FileNotFoundError:
-                    return session
+                    return
                 if entry is None:
-                    return session
+                    return
                 env = entry.envelope
                 spool_body = SpoolBody(self.spool, entry)
                 body = spool_body
@@ -208,23 +257,19 @@ class DeliveryAgents:
                     return await spool_body.head(BOUNCE_HEADERS)
 
             try:
-                results, relay, session = await self._attempt(env, body, session)
+                attempt = await self._attempt(env, body, sessions)
             except Exception as exc:
                 # A bug must not turn into endless immediate retries: record it as a deferral,
                 # so that attempts are counted, backoff applies and the queue lifetime ends it.
                 log.exception("delivery_crashed", queue_id=queue_id)
-                if session is not None:
-                    session.client.close()  # its state is unknown: never reuse it
-                    session = None
+                for session in sessions.values():
+                    session.client.close()  # their state is unknown: never reuse them
+                sessions.clear()
                 reason = (
                     f"internal error during delivery ({type(exc).__name__}), see delivery_crashed"
                 )
-                results = [
-                    RecipientResult(r, Outcome.DEFERRED, "4.3.0", reason) for r in env.recipients
-                ]
-                relay = "none"
-            await self._record(env, head, results, relay)
-            return session
+                attempt = Attempt(_deferred(env.recipients, "4.3.0", reason), "none")
+            await self._record(env, head, attempt)
         finally:
             if entry is not None:
                 entry.close()
@@ -250,11 +295,17 @@ class DeliveryAgents:
         self,
         env: Envelope,
         head: Callable[[], Awaitable[bytes]],
-        results: list[RecipientResult],
-        relay: str,
+        attempt: Attempt,
     ) -> None:
         try:
-            await self.recorder.record(env, head, results, relay)
+            await self.recorder.record(
+                env,
+                head,
+                attempt.results,
+                attempt.relay,
+                relays=attempt.relays,
+                retry_in=attempt.retry_in,
+            )
         except Exception as exc:
             # Could not record the outcome (spool write error): put the entry back where the
             # queue runner finds it, and retry it later.
@@ -265,31 +316,145 @@ class DeliveryAgents:
             except OSError:
                 pass  # still in active/: retried at the next start
 
-    async def _attempt(
-        self, env: Envelope, body: MessageBody, session: Session | None
-    ) -> tuple[list[RecipientResult], str, Session | None]:
-        pending = list(env.recipients)
-        suspended = self.suspension.active()
+    async def _attempt(self, env: Envelope, body: MessageBody, sessions: Sessions) -> Attempt:
+        route = self.routes.select(env.sender)
+        if route.primary is None:
+            assert self.mx is not None, "a route without relay host needs PYRELAY_DELIVERY=mx"
+            results, relays, retry_in = await self.mx.deliver(
+                env, body, sessions, route.concurrency
+            )
+            relay = next(
+                (relays[r.recipient] for r in results if r.outcome is Outcome.SENT),
+                next(iter(relays.values()), "none"),
+            )
+            self._count(route, results)
+            return Attempt(results, relay, relays, retry_in)
+        busy = self._route_active.get(route.name, 0)
+        if route.concurrency is not None and busy >= route.concurrency:
+            text = f"route {route.name} is busy: {route.concurrency} deliveries in progress"
+            return Attempt(_deferred(env.recipients, "4.4.5", text), "none", None, self.busy_retry)
+        wait = 0.0
+        if route.rate is not None:
+            slot = self.limiter.reserve(route.name, route.rate.per_second)
+            if not slot.taken:
+                text = (
+                    f"rate limit of route {route.name}: {slot.rate:.3g}/s (configured "
+                    f"{route.rate}), waiting in the queue"
+                )
+                return Attempt(_deferred(env.recipients, "4.7.0", text), "none", None, slot.wait)
+            wait = slot.wait
+        self._route_active[route.name] = busy + 1
+        try:
+            if wait > 0:
+                await asyncio.sleep(wait)
+            attempt = await self._via_route(route, route.primary, env, body, sessions)
+        finally:
+            self._route_active[route.name] -= 1
+            if not self._route_active[route.name]:
+                del self._route_active[route.name]
+        self._count(route, attempt.results)
+        return attempt
+
+    def _count(self, route: Route, results: list[RecipientResult]) -> None:
+        for res in results:
+            self.route_results.labels(route=route.name, result=res.outcome.value).inc()
+
+    async def _via_route(
+        self, route: Route, primary: Target, env: Envelope, body: MessageBody, sessions: Sessions
+    ) -> Attempt:
+        first = await self._via(
+            self._upstream(primary), primary.key, env, body, env.recipients, sessions
+        )
+        deferred = [r for r in first.results if r.outcome is Outcome.DEFERRED]
+        throttled = [r for r in deferred if is_throttling(r.reply)]
+        if throttled:
+            rate = None
+            if route.rate is not None:
+                rate = self.limiter.throttled(route.name, route.rate.per_second)
+            log.warning(
+                "throttled",
+                queue_id=env.queue_id,
+                route=route.name,
+                relay=first.relay,
+                rate=round(rate, 3) if rate is not None else "unlimited",
+                reply=throttled[0].reply,
+            )
+            retry_in = None
+            if len(throttled) == len(deferred):
+                # Not a failed attempt: back in the queue until the (lower) rate has room.
+                retry_in = max(1.0, 2.0 / rate) if rate else 1.0
+            return Attempt(first.results, first.relay, None, retry_in)
+        fallback = route.fallback
+        if fallback is None or not deferred:
+            return Attempt(first.results, first.relay)
+        pending = [r.recipient for r in deferred]
+        log.info(
+            "fallback",
+            queue_id=env.queue_id,
+            route=route.name,
+            relay=first.relay,
+            to=str(fallback.relayhost),
+            reason=deferred[0].reply,
+        )
+        second = await self._via(
+            self._upstream(fallback), fallback.key, env, body, pending, sessions
+        )
+        merged = {r.recipient: r for r in first.results}
+        relays = {r.recipient: first.relay for r in first.results}
+        for res in second.results:
+            merged[res.recipient] = res
+            relays[res.recipient] = second.relay
+        took = any(r.outcome is Outcome.SENT for r in second.results)
+        return Attempt(
+            [merged[r] for r in env.recipients], second.relay if took else first.relay, relays
+        )
+
+    def _upstream(self, target: Target) -> Upstream:
+        up = self._upstreams.get(target.key)
+        if up is None:
+            up = self._upstreams[target.key] = Upstream(target.settings(self.settings))
+        return up
+
+    async def _via(
+        self,
+        upstream: Upstream,
+        key: object,
+        env: Envelope,
+        body: MessageBody,
+        pending: Sequence[str],
+        sessions: Sessions,
+    ) -> Tried:
+        """One transaction through ``upstream``, on the agent's session for ``key`` (opened
+        or reused); a connection-level failure comes back as ``Tried.error``."""
+        suspension = self._suspensions.get(key)
+        if suspension is None:
+            if len(self._suspensions) > 1000:
+                self._suspensions = {
+                    k: v for k, v in self._suspensions.items() if v.active() is not None
+                }
+            suspension = self._suspensions[key] = Suspension(self.settings)
+        suspended = suspension.active()
         if suspended is not None:
             text = f"delivery temporarily suspended: {suspended.text}"
-            return (
-                [RecipientResult(r, Outcome.DEFERRED, suspended.status, text) for r in pending],
-                ("none"),
-                session,
-            )
+            return Tried(_deferred(list(pending), suspended.status, text), "none", suspended)
+        session = sessions.pop(key, None)
         reused = session is not None and session.client.is_connected
         relay = "none"
         for attempt in (1, 2):
             try:
                 if session is None or not session.client.is_connected:
                     reused = False
-                    session = await self.upstream.open()
+                    session = await upstream.open()
                 relay = session.relay
-                results = await self.upstream.transaction(
+                results = await upstream.transaction(
                     session, env.sender, pending, body, smtputf8=env.smtputf8, eightbit=env.eightbit
                 )
-                self.suspension.clear()
-                return results, relay, session
+                suspension.clear()
+                sessions[key] = session
+                if len(sessions) > SESSIONS_PER_AGENT:
+                    oldest = next(iter(sessions))
+                    sessions.pop(oldest).client.close()
+                return Tried(results, relay)
             except DeliveryError as exc:
                 if session is not None:
                     session.client.close()
@@ -298,10 +463,6 @@ class DeliveryAgents:
                     # The upstream closed an idle cached connection; try a fresh one once.
                     continue
                 self.metrics.upstream_errors.labels(kind=str(exc.kind)).inc()
-                self.suspension.failed(exc)
-                return (
-                    [RecipientResult(r, Outcome.DEFERRED, exc.status, exc.text) for r in pending],
-                    relay,
-                    None,
-                )
+                suspension.failed(exc)
+                return Tried(_deferred(list(pending), exc.status, exc.text), relay, exc)
         raise AssertionError("unreachable")  # pragma: no cover

@@ -196,6 +196,9 @@ class Relay:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_exit_signal, sig)
                 installed.append(sig)
+            # The routes file is read again (each worker also notices a change by itself).
+            loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+            installed.append(signal.SIGHUP)
             if not self.worker:  # deferred entries belong to the primary alone
                 loop.add_signal_handler(signal.SIGUSR1, self._on_flush)
                 loop.add_signal_handler(signal.SIGUSR2, self._on_usr2)
@@ -214,6 +217,10 @@ class Relay:
             os._exit(1)
         log.info("signal", signal=signal.Signals(sig).name)
         self._exit.set()
+
+    def _on_reload(self) -> None:
+        log.info("signal", signal="SIGHUP")
+        self.scheduler.agents.routes.reload()
 
     def _on_flush(self) -> None:
         count = self.scheduler.flush()

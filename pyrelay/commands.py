@@ -54,6 +54,11 @@ def register(sub: Subparsers) -> None:
     p.add_argument(
         "--timeout", type=float, default=10.0, metavar="S", help="per-step timeout (default 10)"
     )
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="probe every relay host of PYRELAY_ROUTES_FILE and the fallbacks too",
+    )
     add_json_flag(p)
 
     from pyrelay import dkim_commands, queue_commands
@@ -126,6 +131,8 @@ def _local(address: HostPort | ListenAddress) -> str:
 def cmd_config(args: argparse.Namespace) -> int:
     settings = load_settings()
     values = settings.dump()
+    # The routes (the default one last) when a routes file is in use.
+    routes = _routes(settings) if settings.routes_file and not args.names else None
     if args.names:
         canonical = _canonical_names()
         selected: dict[str, str] = {}
@@ -157,13 +164,31 @@ def cmd_config(args: argparse.Namespace) -> int:
             else {"problem": problem}
         )
     if getattr(args, "json", False):
-        print_json(values if cert is None else values | {"listener_certificate": cert})
+        extra: dict[str, object] = {}
+        if cert is not None:
+            extra["listener_certificate"] = cert
+        if routes is not None:
+            extra["routes"] = routes
+        print_json({**values, **extra})
     else:
         for key, value in values.items():
             print(f"{key} = {value}")
         if cert is not None:
             print("# listener certificate: " + ", ".join(f"{k} {v}" for k, v in cert.items()))
+        for route in routes or []:
+            print(f"\n[route {route['name']}]")
+            for key, value in route.items():
+                if key != "name":
+                    print(f"{key} = {value}")
     return EXIT_OK
+
+
+def _routes(settings: Settings) -> list[dict[str, str]]:
+    """The effective routes, the default last, secrets masked (ConfigError if the file is
+    wrong)."""
+    from pyrelay.routes import RouteTable
+
+    return [{"name": r.name, **r.dump()} for r in RouteTable(settings).all]
 
 
 def _canonical_names() -> dict[str, str]:
@@ -202,12 +227,43 @@ def cmd_check_upstream(args: argparse.Namespace) -> int:
             "upstream_command_timeout": args.timeout,
         }
     )
+    if getattr(args, "all", False):
+        return _check_all(settings, args)
+    if not settings.relayhost.host:
+        return error("check-upstream: no RELAYHOST (PYRELAY_DELIVERY=mx); try --all", EXIT_USAGE)
     report = asyncio.run(_probe_upstream(settings, args.timeout))
     if getattr(args, "json", False):
         print_json(report)
     else:
         _print_upstream_report(settings, report)
     return EXIT_OK if report["ok"] else EXIT_FAILURE
+
+
+def _check_all(settings: Settings, args: argparse.Namespace) -> int:
+    """Every route's relay host and fallback, one report each."""
+    import asyncio
+
+    from pyrelay.routes import RouteTable
+
+    reports: list[dict[str, Any]] = []
+    for route in RouteTable(settings).all:
+        for role, target in (("relayhost", route.primary), ("fallback", route.fallback)):
+            if target is None:
+                continue
+            target_settings = target.settings(settings)
+            report = asyncio.run(_probe_upstream(target_settings, args.timeout))
+            report.update(route=route.name, role=role)
+            reports.append(report)
+            if not getattr(args, "json", False):
+                print(f"== route {route.name} ({role})")
+                _print_upstream_report(target_settings, report)
+                print()
+    if getattr(args, "json", False):
+        print_json({"ok": all(r["ok"] for r in reports), "routes": reports})
+    ok = all(r["ok"] for r in reports)
+    if not getattr(args, "json", False):
+        print("OK: every route is ready" if ok else "FAIL: at least one route is not ready")
+    return EXIT_OK if ok else EXIT_FAILURE
 
 
 async def _probe_upstream(settings: Settings, timeout: float) -> dict[str, Any]:

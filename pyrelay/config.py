@@ -43,6 +43,8 @@ SECRET_FIELDS = (
     "xoauth2_initial_access_token",
     "xoauth2_initial_refresh_token",
     "smtpd_sasl_users",
+    "relayhost_fallback_username",
+    "relayhost_fallback_password",
 )
 # Shown masked by `pyrelay config` and the start-up log line (the username and the OAuth2
 # client ID are not secret).
@@ -53,6 +55,7 @@ MASKED_FIELDS = frozenset(
         "xoauth2_initial_access_token",
         "xoauth2_initial_refresh_token",
         "smtpd_sasl_users",
+        "relayhost_fallback_password",
     }
 )
 # The token endpoints Google and Microsoft document for their SMTP servers.
@@ -88,6 +91,14 @@ class SmtpdTLSLevel(StrEnum):
     NONE = "none"
     MAY = "may"
     ENCRYPT = "encrypt"
+
+
+class DeliveryMode(StrEnum):
+    """``PYRELAY_DELIVERY``: through ``RELAYHOST`` (``relay``) or straight to the recipients'
+    MX hosts (``mx``, only when asked for: never a silent fallback)."""
+
+    RELAY = "relay"
+    MX = "mx"
 
 
 class LogFormat(StrEnum):
@@ -230,8 +241,10 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
+    # Required, except with PYRELAY_DELIVERY=mx (checked in _cross_checks); unset is an
+    # empty host.
     relayhost: Annotated[HostPort, NoDecode] = Field(
-        validation_alias=AliasChoices("RELAYHOST", "relayhost")
+        default=HostPort("", 0), validation_alias=AliasChoices("RELAYHOST", "relayhost")
     )
     relayhost_username: SecretStr = Field(
         default=SecretStr(""), validation_alias=AliasChoices("RELAYHOST_USERNAME")
@@ -244,6 +257,35 @@ class Settings(BaseSettings):
     )
     relayhost_password_file: Path | None = Field(
         default=None, validation_alias=AliasChoices("RELAYHOST_PASSWORD_FILE")
+    )
+    # Routing (pyrelay.routes, pyrelay.mx): the default route's fallback relay (its
+    # credentials default to RELAYHOST's), a routes file per sender domain, direct MX delivery.
+    relayhost_fallback: Annotated[HostPort | None, NoDecode] = Field(
+        default=None, validation_alias=AliasChoices("RELAYHOST_FALLBACK")
+    )
+    relayhost_fallback_username: SecretStr = Field(
+        default=SecretStr(""), validation_alias=AliasChoices("RELAYHOST_FALLBACK_USERNAME")
+    )
+    relayhost_fallback_password: SecretStr = Field(
+        default=SecretStr(""), validation_alias=AliasChoices("RELAYHOST_FALLBACK_PASSWORD")
+    )
+    relayhost_fallback_username_file: Path | None = Field(
+        default=None, validation_alias=AliasChoices("RELAYHOST_FALLBACK_USERNAME_FILE")
+    )
+    relayhost_fallback_password_file: Path | None = Field(
+        default=None, validation_alias=AliasChoices("RELAYHOST_FALLBACK_PASSWORD_FILE")
+    )
+    routes_file: Path | None = Field(
+        default=None, validation_alias=AliasChoices("PYRELAY_ROUTES_FILE")
+    )
+    delivery: DeliveryMode = Field(
+        default=DeliveryMode.RELAY, validation_alias=AliasChoices("PYRELAY_DELIVERY")
+    )
+    dns_servers: Annotated[tuple[HostPort, ...], NoDecode] = Field(
+        default=(), validation_alias=AliasChoices("PYRELAY_DNS_SERVERS")
+    )
+    mx_port: int = Field(
+        default=25, ge=1, le=65535, validation_alias=AliasChoices("PYRELAY_MX_PORT")
     )
     tls_level: TLSLevel = Field(
         default=TLSLevel.SECURE,
@@ -443,6 +485,23 @@ class Settings(BaseSettings):
             return HostPort(*value)
         return parse_host_port(str(value), 25, what="RELAYHOST")
 
+    @field_validator("relayhost_fallback", mode="before")
+    @classmethod
+    def _fallback(cls, value: object) -> HostPort | None:
+        if value is None or isinstance(value, HostPort):
+            return value
+        if isinstance(value, tuple):
+            return HostPort(*value)
+        return parse_host_port(str(value), 25, what="RELAYHOST_FALLBACK")
+
+    @field_validator("dns_servers", mode="before")
+    @classmethod
+    def _dns_servers(cls, value: object) -> tuple[HostPort, ...]:
+        return tuple(
+            item if isinstance(item, HostPort) else parse_host_port(item, 53, what="DNS server")
+            for item in split_list(value)
+        )
+
     @field_validator("workers", mode="before")
     @classmethod
     def _workers(cls, value: object) -> object:
@@ -564,7 +623,7 @@ class Settings(BaseSettings):
     def _duration(cls, value: object) -> float:
         return parse_duration(value)
 
-    @field_validator("tls_level", "log_format", "smtpd_tls_level", mode="before")
+    @field_validator("tls_level", "log_format", "smtpd_tls_level", "delivery", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
@@ -622,6 +681,19 @@ class Settings(BaseSettings):
         if self.smtpd_tls_level is None:
             level = SmtpdTLSLevel.MAY if self.tls_cert_file is not None else SmtpdTLSLevel.NONE
             object.__setattr__(self, "smtpd_tls_level", level)
+        if self.delivery is DeliveryMode.MX:
+            if self.relayhost.host:
+                raise ValueError(
+                    "PYRELAY_DELIVERY: mx delivers to the recipients' MX hosts; unset RELAYHOST "
+                    "(or unset PYRELAY_DELIVERY to relay through it)"
+                )
+        elif not self.relayhost.host:
+            raise ValueError("RELAYHOST: required but not set")
+        fb_user = self.relayhost_fallback_username.get_secret_value()
+        fb_password = self.relayhost_fallback_password.get_secret_value()
+        if bool(fb_user) != bool(fb_password):
+            missing = "RELAYHOST_FALLBACK_PASSWORD" if fb_user else "RELAYHOST_FALLBACK_USERNAME"
+            raise ValueError(f"{missing}: required when the other credential is set")
         user = self.relayhost_username.get_secret_value()
         password = self.relayhost_password.get_secret_value()
         if self.xoauth2:
@@ -701,6 +773,8 @@ def _render(value: object, *, secret: bool = False) -> str:
         return (MASK if raw else "") if secret else raw
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, HostPort) and not value.host:
+        return ""
     if isinstance(value, tuple) and not isinstance(value, HostPort):
         return " ".join(str(v) for v in value)
     if value is None:

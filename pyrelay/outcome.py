@@ -86,7 +86,13 @@ class OutcomeRecorder:
         head: Callable[[], Awaitable[bytes]],
         results: list[RecipientResult],
         relay: str,
+        *,
+        relays: dict[str, str] | None = None,
+        retry_in: float | None = None,
     ) -> None:
+        """``relays``: the relay of each recipient where they differ (fallback, MX);
+        ``retry_in``: a deferral that is not a failed attempt (rate limit, throttling, busy
+        destination): retried after that many seconds, ``attempts`` unchanged."""
         now = time.time()
         delay = round(now - env.arrival, 2)
         sent: list[str] = []
@@ -96,7 +102,7 @@ class OutcomeRecorder:
             if res.outcome is Outcome.SENT:
                 sent.append(res.recipient)
                 self.metrics.delivered.inc()
-                log_result(env, res, relay, delay)
+                log_result(env, res, (relays or {}).get(res.recipient, relay), delay)
             elif res.outcome is Outcome.BOUNCED:
                 bounced.append(res)
             else:
@@ -114,7 +120,7 @@ class OutcomeRecorder:
             still = []
         for res in bounced:
             self.metrics.bounced.inc()
-            log_result(env, res, relay, delay)
+            log_result(env, res, (relays or {}).get(res.recipient, relay), delay)
         env.delivered += sent
         if bounced:
             if sent:
@@ -133,16 +139,27 @@ class OutcomeRecorder:
                 )
                 still += bounced
         if still:
-            await self._defer(env, still, relay, delay, now)
+            await self._defer(env, still, relay, delay, now, relays=relays, retry_in=retry_in)
         else:
             self.metrics.latency.observe(now - env.arrival)
             await self._finished(env)
 
     async def _defer(
-        self, env: Envelope, still: list[RecipientResult], relay: str, delay: float, now: float
+        self,
+        env: Envelope,
+        still: list[RecipientResult],
+        relay: str,
+        delay: float,
+        now: float,
+        *,
+        relays: dict[str, str] | None = None,
+        retry_in: float | None = None,
     ) -> None:
-        env.attempts += 1
-        wait = retry_delay(env.attempts, self.settings.min_backoff, self.settings.max_backoff)
+        if retry_in is None:
+            env.attempts += 1
+            wait = retry_delay(env.attempts, self.settings.min_backoff, self.settings.max_backoff)
+        else:
+            wait = retry_in * (0.9 + 0.2 * random.random())
         env.recipients = [r.recipient for r in still]
         env.next_attempt = now + wait
         env.last_error = still[0].reply
@@ -157,7 +174,13 @@ class OutcomeRecorder:
             log.info("held", queue_id=env.queue_id, reason="hold requested during delivery")
         for res in still:
             self.metrics.deferred.inc()
-            log_result(env, res, relay, delay, next_attempt_in=round(wait))
+            log_result(
+                env,
+                res,
+                (relays or {}).get(res.recipient, relay),
+                delay,
+                next_attempt_in=round(wait, 1) if wait < 10 else round(wait),
+            )
         if dst == "deferred":
             self.on_deferred(env.next_attempt)
 

@@ -41,6 +41,7 @@ def register(sub: Subparsers) -> None:
         "1 unknown queue ID, or the relay is not running (flush)",
     )
     add_json_flag(queue, top=True)
+    _by_destination_flag(queue)
     actions = queue.add_subparsers(title="actions", metavar="ACTION")
     p = add_command(
         actions,
@@ -52,6 +53,7 @@ def register(sub: Subparsers) -> None:
         "",
     )
     add_json_flag(p)
+    _by_destination_flag(p)
     p = add_command(
         actions,
         "show",
@@ -190,6 +192,8 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     finally:
         spool.close()
     total = sum(e["size"] for e in entries)
+    if getattr(args, "by_destination", False):
+        return _print_by_destination(entries, json=getattr(args, "json", False))
     if getattr(args, "json", False):
         print_json({"messages": entries, "requests": len(entries), "bytes": total})
         return EXIT_OK
@@ -213,6 +217,34 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
         print()
     # Postfix's summary line, which monitoring scripts parse.
     print(f"-- {(total + 1023) // 1024} Kbytes in {len(entries)} Requests.")
+    return EXIT_OK
+
+
+def _by_destination_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--by-destination",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="pending recipients and messages per destination domain (like qshape)",
+    )
+
+
+def _print_by_destination(entries: list[dict[str, Any]], *, json: bool) -> int:
+    from pyrelay.mx import group_by_domain
+
+    table: dict[str, dict[str, int]] = {}
+    for e in entries:
+        for domain, rcpts in group_by_domain(e["recipients"]).items():
+            row = table.setdefault(domain, {"recipients": 0, "messages": 0})
+            row["recipients"] += len(rcpts)
+            row["messages"] += 1
+    rows = sorted(table.items(), key=lambda kv: (-kv[1]["recipients"], kv[0]))
+    if json:
+        print_json({d: r for d, r in rows})
+        return EXIT_OK
+    print(f"{'-Destination-':<40}{'Recipients':>11}{'Messages':>10}")
+    for domain, row in rows:
+        print(f"{domain:<40}{row['recipients']:>11}{row['messages']:>10}")
     return EXIT_OK
 
 

@@ -91,6 +91,11 @@ class Scheduler:
         # Postfix queue_run_delay: how often deferred/ is scanned (it defaults to the minimal
         # backoff, so a retry happens between one and two backoffs after a failure at worst).
         self.run_delay = max(0.05, min(settings.min_backoff, 300.0))
+        # A deferral due before the next regular scan (rate limits, throttling, a busy
+        # destination: pyrelay.routes) sets a timer for an earlier scan, at most one a second.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._last_scan = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -109,6 +114,8 @@ class Scheduler:
         self._wake.set()  # the first scan is the recovery of the deferred queue
 
     async def stop(self, grace: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         if self._runner is not None:
             self._runner.cancel()
         await self.agents.stop(grace)
@@ -159,7 +166,7 @@ class Scheduler:
         """Make every deferred message due now (``postqueue -f``); returns how many the last
         scan saw."""
         self._flush = True
-        self.agents.suspension.clear()
+        self.agents.clear_suspensions()
         self._wake.set()
         return self._deferred_count
 
@@ -178,6 +185,22 @@ class Scheduler:
         self._deferred_delta += 1
         if when < self._soonest:
             self._soonest = when
+        self._plan_scan(when)
+
+    def _plan_scan(self, when: float) -> None:
+        if self.primary and when < min(self._timer_at, self._last_scan + self.run_delay):
+            at = max(when, self._last_scan + 1.0)
+            if at < self._timer_at:
+                if self._timer is not None:
+                    self._timer.cancel()
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(max(0.0, at - time.time()), self._timer_fired)
+                self._timer_at = at
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        self._wake.set()
 
     def queue_stats(self) -> tuple[int, float]:
         now = time.time()
@@ -208,7 +231,7 @@ class Scheduler:
                 if self._overflow:
                     await self._scan_incoming()
                 if self.primary:
-                    last_scan = time.time()
+                    last_scan = self._last_scan = time.time()
                     await self._scan_deferred()
             except OSError as exc:
                 log.error("queue_scan_failed", reason=exc.strerror or str(exc))
@@ -276,3 +299,4 @@ class Scheduler:
         self._soonest = result.soonest
         self._more = result.more
         self._enqueue(result.due, "deferred")
+        self._plan_scan(result.soonest)
