@@ -143,8 +143,9 @@ class Relay:
         with self._lock:
             return "\n".join(self.tail)
 
-    def quiesce(self, timeout: float, cpu_share: float = 0.05, window: float = 1.0) -> float:
-        """Wait until the tree uses under ``cpu_share`` of a core over ``window`` seconds."""
+    def quiesce(self, timeout: float, cpu_share: float = 0.25, window: float = 1.0) -> float:
+        """Wait until the tree uses under ``cpu_share`` of a core over ``window`` seconds (its
+        own work done; background retries of a large queue may still use a little)."""
         start = time.monotonic()
         last = cpu_of(self.pids())
         while time.monotonic() - start < timeout and self.alive():
