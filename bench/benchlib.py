@@ -95,7 +95,8 @@ class Relay:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        self._known: list[int] = [self.proc.pid]
+        self._known: dict[int, str] = {}  # pid -> start time, so a reused pid is never killed
+        self._remember(self.proc.pid)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -120,13 +121,24 @@ class Relay:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    @staticmethod
+    def _started(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        except (OSError, IndexError):
+            return ""
+
+    def _remember(self, pid: int) -> None:
+        if pid not in self._known:
+            self._known[pid] = self._started(pid)
+
     def pids(self) -> list[int]:
-        """The relay and its workers (remembered, so a kill reaches workers that got orphaned)."""
+        """The relay and its workers (remembered, so a kill reaches workers that got orphaned;
+        a remembered pid counts only while it is the same process)."""
         if self.alive():
             for pid in tree_pids(self.pid):
-                if pid not in self._known:
-                    self._known.append(pid)
-        return [p for p in self._known if os.path.exists(f"/proc/{p}")]
+                self._remember(pid)
+        return [p for p, t in self._known.items() if t and self._started(p) == t]
 
     def wait_listening(self, timeout: float) -> float:
         """Seconds from exec until the port accepts a TCP connection."""

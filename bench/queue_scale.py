@@ -87,11 +87,15 @@ def flush(env: dict[str, str]) -> str:
     return (proc.stdout + proc.stderr).decode(errors="replace").strip()
 
 
-def fill(port: int, n: int, size: int, clients: int, timeout: float) -> tuple[str, int]:
+def fill(
+    port: int, n: int, size: int, clients: int, timeout: float, postfix: bool
+) -> tuple[str, int]:
     """Send ``n`` messages; (which client, exit status or failures)."""
     source = shutil.which("smtp-source") or (
         "/usr/sbin/smtp-source" if Path("/usr/sbin/smtp-source").exists() else None
     )
+    if not postfix:
+        source = None
     if source:
         cmd = [source, "-s", str(clients), "-m", str(n), "-l", str(size)]
         cmd += ["-f", SENDER, "-t", RCPT, f"127.0.0.1:{port}"]
@@ -151,7 +155,9 @@ def run(args: argparse.Namespace, n: int, work: Path) -> None:
         # 2. fill
         sampler = Sampler(root=relay.pid).start()
         t0 = time.monotonic()
-        client, status = fill(relay.port, n, args.size, args.clients, args.fill_timeout)
+        client, status = fill(
+            relay.port, n, args.size, args.clients, args.fill_timeout, not args.no_postfix
+        )
         fill_secs = time.monotonic() - t0
         queued_ok = wait_count(relay, "queued", n, 60)
         queued = relay.count("queued")
@@ -202,7 +208,7 @@ def run(args: argparse.Namespace, n: int, work: Path) -> None:
         )
 
         # 5. upstream back, flush, drain
-        sink = Sink(work, port=upstream, prefer_postfix=True)
+        sink = Sink(work, port=upstream, prefer_postfix=not args.no_postfix)
         sampler = Sampler(root=relay.pid).start()
         sent0 = relay.count("sent")
         t0 = time.monotonic()
@@ -242,6 +248,9 @@ def main() -> int:
     ap.add_argument("--round-timeout", type=float, default=900.0)
     ap.add_argument("--restart-timeout", type=float, default=300.0)
     ap.add_argument("--drain-timeout", type=float, default=1800.0)
+    ap.add_argument(
+        "--no-postfix", action="store_true", help="Python clients and bench/sink.py only"
+    )
     ap.add_argument("--workdir", default="/var/tmp", help="where the spool goes (a disk)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pyrelay-bench-queue-", dir=args.workdir))
