@@ -5,10 +5,14 @@
 * ``SinkProc``: a recording upstream in its own process (it must outlive relay kills).  Run as
   ``python tests/procs.py sink ...``; it appends one JSON line per accepted message (test id,
   relay queue id, time) to a record file *before* answering ``250``, so the record is an upper
-  bound of what the relay may believe was delivered.  A control directory steers it at run time:
+  bound of what the relay may believe was delivered.  ``SinkProc.arrivals()`` lists the messages
+  whose DATA arrived, before any delay (those in flight).  Both carry the *epoch* that
+  ``set_epoch`` had set when the connection was opened, to tell which relay run sent a copy.  A
+  control directory steers it at run time:
 
   - ``CONTROL/defer`` exists: answer ``451`` at the end of DATA (nothing recorded);
-  - ``CONTROL/nodelay`` exists: answer at once (no simulated upstream latency);
+  - ``CONTROL/nodelay`` exists: answer at once (no simulated upstream latency), except on
+    connections opened before the latest ``set_epoch``;
   - ``CONTROL/kill`` holds ``"<pid> <mode> <delay>"``: the next DATA end kills that pid with
     SIGKILL (one shot), ``before250`` (recorded, relay never hears the 250: the duplicate window),
     ``after250`` or ``after451`` (kill ``delay`` seconds after the reply: during the spool
@@ -19,6 +23,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -161,6 +166,7 @@ class RelayProc:
     """One run (generation) of ``python -m pyrelay``."""
 
     env: dict[str, str]
+    prefix: list[str] = field(default_factory=list)  # e.g. MemCgroup.wrapper(): runs it in a cgroup
     proc: subprocess.Popen[bytes] | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     raw: list[str] = field(default_factory=list)
@@ -173,7 +179,7 @@ class RelayProc:
     def start(self) -> RelayProc:
         self.started_at = time.time()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pyrelay"],
+            [*self.prefix, sys.executable, "-m", "pyrelay"],
             cwd=REPO,
             env=self.env,
             stdin=subprocess.DEVNULL,
@@ -306,6 +312,7 @@ class Delivery:
     hops: int = 0  # Received: headers
     sender: str = ""
     rcpts: tuple[str, ...] = ()
+    epoch: int = 0  # SinkProc.set_epoch() when the relay opened the connection
 
 
 class SinkProc:
@@ -319,6 +326,7 @@ class SinkProc:
         defer_prob: float = 0.0,
     ) -> None:
         self.record = workdir / "sink-record.jsonl"
+        self.arrivals_file = workdir / "sink-record.jsonl.arrivals"
         self.control = workdir / "sink-control"
         self.control.mkdir(parents=True, exist_ok=True)
         self.record.touch()
@@ -361,8 +369,21 @@ class SinkProc:
                     d.get("hops", 0),
                     d.get("from", ""),
                     tuple(d.get("rcpt", ())),
+                    d.get("epoch", 0),
                 )
             )
+        return out
+
+    def arrivals(self) -> list[tuple[float, str]]:
+        """(time, test id) of every message whose DATA the sink has received, before it waits."""
+        out = []
+        with contextlib.suppress(FileNotFoundError):
+            for line in self.arrivals_file.read_text().splitlines():
+                try:
+                    d = json.loads(line)
+                except ValueError:
+                    continue
+                out.append((d["t"], d["id"]))
         return out
 
     def set_defer(self, on: bool) -> None:
@@ -371,6 +392,12 @@ class SinkProc:
             path.touch()
         else:
             path.unlink(missing_ok=True)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Stamp the records of connections opened from now on with ``epoch``."""
+        tmp = self.control / "epoch.tmp"
+        tmp.write_text(str(epoch))
+        os.replace(tmp, self.control / "epoch")
 
     def set_nodelay(self, on: bool) -> None:
         path = self.control / "nodelay"
@@ -411,6 +438,7 @@ def _sink_main(record: str, control: str, dmin: str, dmax: str, defer_prob: str)
     ctl = Path(control)
     lo, hi, p_defer = float(dmin), float(dmax), float(defer_prob)
     out = open(record, "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
+    arrived = open(record + ".arrivals", "ab", buffering=0)  # noqa: SIM115 - likewise
 
     def take_kill() -> tuple[int, str, float] | None:
         mine = ctl / f"kill.taken.{os.getpid()}.{random.random()}"
@@ -428,10 +456,31 @@ def _sink_main(record: str, control: str, dmin: str, dmax: str, defer_prob: str)
         except ProcessLookupError:
             pass
 
+    def current_epoch() -> int:
+        try:
+            return int((ctl / "epoch").read_text())
+        except (OSError, ValueError):
+            return 0
+
+    class EpochSMTP(SMTP):
+        epoch = 0
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self.epoch = current_epoch()
+
     class Handler:
         async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
             content: bytes = envelope.original_content or envelope.content or b""
-            if hi > 0 and not (ctl / "nodelay").exists():
+            head = content.split(b"\r\n\r\n", 1)[0]
+            tid = _TEST_ID.search(head)
+            test_id = tid.group(1).decode() if tid else "?"
+            epoch = getattr(server, "epoch", 0)
+            arrival = {"t": time.time(), "id": test_id, "epoch": epoch}
+            arrived.write(json.dumps(arrival).encode() + b"\n")
+            # nodelay spares only the current epoch: connections a killed relay opened before
+            # the epoch changed keep waiting, so the data they had sent is not answered.
+            if hi > 0 and (not (ctl / "nodelay").exists() or 0 < epoch < current_epoch()):
                 await asyncio.sleep(random.uniform(lo, hi))
             kill = take_kill()
             loop = asyncio.get_running_loop()
@@ -444,17 +493,16 @@ def _sink_main(record: str, control: str, dmin: str, dmax: str, defer_prob: str)
             if kill and kill[1] == "after451":
                 (ctl / "kill").write_text(f"{kill[0]} {kill[1]} {kill[2]}")
                 kill = None
-            head = content.split(b"\r\n\r\n", 1)[0]
-            tid = _TEST_ID.search(head)
             qid = _QID.search(head)
             rec = {
                 "t": time.time(),
-                "id": tid.group(1).decode() if tid else "?",
+                "id": test_id,
                 "qid": qid.group(1).decode() if qid else "?",
                 "n": len(content),
                 "hops": len(re.findall(rb"^Received:", head, re.M | re.I)),
                 "from": envelope.mail_from,
                 "rcpt": list(envelope.rcpt_tos),
+                "epoch": epoch,
             }
             out.write(json.dumps(rec).encode() + b"\n")
             if kill and kill[1] == "before250":
@@ -468,7 +516,7 @@ def _sink_main(record: str, control: str, dmin: str, dmax: str, defer_prob: str)
         loop = asyncio.get_running_loop()
         handler = Handler()
         server = await loop.create_server(
-            lambda: SMTP(handler, hostname="sink.test", enable_SMTPUTF8=True, loop=loop),
+            lambda: EpochSMTP(handler, hostname="sink.test", enable_SMTPUTF8=True, loop=loop),
             host="127.0.0.1",
             port=0,
         )
