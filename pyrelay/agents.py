@@ -13,19 +13,22 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pyrelay.config import DeliveryMode, Settings
-from pyrelay.delivery import InMemoryBody, Outcome, RecipientResult, Session, Upstream
+from pyrelay.delivery import InMemoryBody, Outcome, RecipientResult, Session, Tried, Upstream
 from pyrelay.errors import DeliveryError
 from pyrelay.logging import get_logger
 from pyrelay.metrics import Metrics
-from pyrelay.mx import MXDelivery, Tried
 from pyrelay.outcome import BOUNCE_HEADERS, OutcomeRecorder
 from pyrelay.queuefile import CorruptEntry, Envelope
 from pyrelay.ratelimit import RateLimiter, is_throttling
 from pyrelay.routes import Route, RouteTable, Target, route_counter
 from pyrelay.spool import OpenEntry, Spool, SpoolBody
 from pyrelay.transaction import MessageBody
+
+if TYPE_CHECKING:
+    from pyrelay.mx import MXDelivery
 
 log = get_logger("pyrelay.agents")
 
@@ -123,7 +126,12 @@ class DeliveryAgents:
         self.routes = RouteTable(settings)
         self.limiter = RateLimiter(settings.spool_dir)
         self.route_results = route_counter(metrics.registry)
-        self.mx = MXDelivery(settings, self._via) if settings.delivery is DeliveryMode.MX else None
+        self.mx: MXDelivery | None = None
+        if settings.delivery is DeliveryMode.MX:
+            # dnspython only when MX delivery is configured (idle memory of every process).
+            from pyrelay.mx import MXDelivery
+
+            self.mx = MXDelivery(settings, self._via)
         default = self.routes.default.primary
         self._upstreams: dict[object, Upstream] = {default.key: upstream} if default else {}
         self._suspensions: dict[object, Suspension] = (

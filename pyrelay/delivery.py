@@ -103,6 +103,16 @@ class Step(StrEnum):
     AUTH = "auth"
 
 
+@dataclass(frozen=True, slots=True)
+class Tried:
+    """One transaction attempt on one upstream: per-recipient results, the relay that gave them,
+    and the connection-level failure, if that is what happened."""
+
+    results: list[RecipientResult]
+    relay: str
+    error: DeliveryError | None = None
+
+
 @dataclass(slots=True)
 class Session:
     """An open, ready-to-use upstream connection."""

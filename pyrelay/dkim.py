@@ -23,12 +23,36 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from typing import TYPE_CHECKING, Any, cast
 
 from pyrelay.domains import DomainError, to_ascii
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+
+class _Crypto:
+    """``cryptography`` is imported on first use: a relay with no DKIM key never loads it
+    (idle memory and start-up time of every worker process)."""
+
+    def __getattr__(self, name: str) -> Any:
+        from cryptography import exceptions
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+
+        loaded = {
+            "InvalidSignature": exceptions.InvalidSignature,
+            "hashes": hashes,
+            "serialization": serialization,
+            "ed25519": ed25519,
+            "padding": padding,
+            "rsa": rsa,
+        }
+        self.__dict__.update(loaded)
+        return loaded[name]
+
+
+_c = _Crypto()
 
 # RFC 6376 5.4.1 recommended fields; From is signed one time more than present (oversigned) so
 # that no From can be added without breaking the signature.
@@ -317,18 +341,18 @@ class DomainKey:
     def algorithm(self) -> bytes:
         return (
             b"ed25519-sha256"
-            if isinstance(self.key, ed25519.Ed25519PrivateKey)
+            if isinstance(self.key, _c.ed25519.Ed25519PrivateKey)
             else (b"rsa-sha256")
         )
 
     @property
     def public_b64(self) -> str:
         pub = self.key.public_key()
-        if isinstance(pub, ed25519.Ed25519PublicKey):
-            raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        if isinstance(pub, _c.ed25519.Ed25519PublicKey):
+            raw = pub.public_bytes(_c.serialization.Encoding.Raw, _c.serialization.PublicFormat.Raw)
         else:
             raw = pub.public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                _c.serialization.Encoding.DER, _c.serialization.PublicFormat.SubjectPublicKeyInfo
             )
         return base64.b64encode(raw).decode("ascii")
 
@@ -338,7 +362,7 @@ class DomainKey:
 
     @property
     def record(self) -> str:
-        kind = "ed25519" if isinstance(self.key, ed25519.Ed25519PrivateKey) else "rsa"
+        kind = "ed25519" if isinstance(self.key, _c.ed25519.Ed25519PrivateKey) else "rsa"
         return f"v=DKIM1; k={kind}; p={self.public_b64}"
 
     def zone_line(self) -> str:
@@ -348,18 +372,24 @@ class DomainKey:
         return f"{self.record_name}. IN TXT " + " ".join(f'"{p}"' for p in parts)
 
     def sign_digest(self, data: bytes) -> bytes:
-        if isinstance(self.key, ed25519.Ed25519PrivateKey):
-            return self.key.sign(hashlib.sha256(data).digest())
-        return self.key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+        key = self.key
+        if isinstance(key, _c.ed25519.Ed25519PrivateKey):
+            return cast("ed25519.Ed25519PrivateKey", key).sign(hashlib.sha256(data).digest())
+        rsa_key = cast("rsa.RSAPrivateKey", key)
+        return rsa_key.sign(data, _c.padding.PKCS1v15(), _c.hashes.SHA256())
 
     def verify(self, data: bytes, signature: bytes) -> bool:
         pub = self.key.public_key()
         try:
-            if isinstance(pub, ed25519.Ed25519PublicKey):
-                pub.verify(signature, hashlib.sha256(data).digest())
+            if isinstance(pub, _c.ed25519.Ed25519PublicKey):
+                cast("ed25519.Ed25519PublicKey", pub).verify(
+                    signature, hashlib.sha256(data).digest()
+                )
             else:
-                pub.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
-        except InvalidSignature:
+                cast("rsa.RSAPublicKey", pub).verify(
+                    signature, data, _c.padding.PKCS1v15(), _c.hashes.SHA256()
+                )
+        except _c.InvalidSignature:
             return False
         return True
 
@@ -370,13 +400,13 @@ def load_key(path: Path, domain: str, selector: str) -> DomainKey:
     except OSError as exc:
         raise DKIMError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        key = _c.serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise DKIMError(f"{path}: not an unencrypted PEM private key ({exc})") from None
-    if isinstance(key, rsa.RSAPrivateKey):
+    if isinstance(key, _c.rsa.RSAPrivateKey):
         if key.key_size < 1024:
             raise DKIMError(f"{path}: RSA key of {key.key_size} bits (at least 1024)")
-    elif not isinstance(key, ed25519.Ed25519PrivateKey):
+    elif not isinstance(key, _c.ed25519.Ed25519PrivateKey):
         raise DKIMError(f"{path}: only RSA and Ed25519 keys are supported")
     return DomainKey(domain, selector, key, path)
 
@@ -407,11 +437,11 @@ def generate_keys(directory: Path, domains: Iterable[str]) -> list[DomainKey]:
         path = directory / f"{domain}.private"
         if path.exists():
             continue
-        key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
+        key = _c.rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
         pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,  # opendkim-genkey's format
-            serialization.NoEncryption(),
+            _c.serialization.Encoding.PEM,
+            _c.serialization.PrivateFormat.TraditionalOpenSSL,  # opendkim-genkey's format
+            _c.serialization.NoEncryption(),
         )
         tmp = directory / f".{domain}.private.{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -33,7 +33,6 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
@@ -43,7 +42,7 @@ import dns.resolver
 from pydantic import SecretStr
 
 from pyrelay.config import HostPort, Settings, TLSLevel
-from pyrelay.delivery import Outcome, RecipientResult, Session, Upstream
+from pyrelay.delivery import Outcome, RecipientResult, Session, Tried, Upstream
 from pyrelay.domains import try_ascii
 from pyrelay.errors import DeliveryError
 from pyrelay.logging import get_logger
@@ -68,15 +67,6 @@ class DNSFailure(Exception):
         self.dsn = dsn
         self.text = text
         self.permanent = permanent
-
-
-@dataclass(frozen=True, slots=True)
-class Tried:
-    """One transaction attempt on one upstream (``DeliveryAgents._via``)."""
-
-    results: list[RecipientResult]
-    relay: str
-    error: DeliveryError | None = None
 
 
 # (upstream, session key, envelope, body, recipients, sessions) -> Tried

@@ -29,8 +29,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import bcrypt
-
 from pyrelay.config import Settings, normalize_domain
 from pyrelay.errors import ConfigError
 from pyrelay.logging import get_logger
@@ -55,6 +53,8 @@ BCRYPT_ROUNDS = 12
 # costs (no user enumeration by timing).
 @functools.cache
 def _dummy_hash() -> bytes:
+    import bcrypt  # only when the listener authenticates users
+
     return bcrypt.hashpw(b"pyrelay-no-such-user", bcrypt.gensalt(BCRYPT_ROUNDS))
 
 
@@ -141,6 +141,8 @@ def hash_password(password: str, rounds: int = BCRYPT_ROUNDS) -> str:
     data = password.encode()
     if len(data) > BCRYPT_MAX_PASSWORD:
         raise ValueError(f"password longer than {BCRYPT_MAX_PASSWORD} bytes (bcrypt's limit)")
+    import bcrypt
+
     return bcrypt.hashpw(data, bcrypt.gensalt(rounds)).decode()
 
 
@@ -314,6 +316,8 @@ def _checkpw(password: bytes, hashed: bytes) -> bool:
     if len(password) > BCRYPT_MAX_PASSWORD:
         return False
     try:
+        import bcrypt
+
         return bool(bcrypt.checkpw(password, hashed))
     except ValueError:
         return False
