@@ -2,7 +2,7 @@
 # Benchmark pyrelay beside Postfix in one run (ratios, not absolute numbers, are meaningful on a
 # shared machine).  Uses ../../shared/bench/relay_bench.sh (smtp-source -> relay -> smtp-sink).
 #
-#   bench/run.sh            quick: 10 clients x 5 KB and 10 clients x 100 KB, 3 repeats
+#   bench/run.sh            quick: 10 clients x 5 KB and 10 clients x 100 KB, 5 repeats (REPEATS=N)
 #   bench/run.sh -M         the harness's full matrix (1/10/50 clients x 5 KB, 10 x 100 KB)
 #   bench/run.sh -n 500 ... any relay_bench.sh option
 #   BENCH_DKIM=1 bench/run.sh   adds pyrelay-1w-dkim: the same, signing every message (RSA-2048
@@ -30,7 +30,7 @@ out=$(mktemp)
 if [ $# -eq 0 ]; then
   for cfg in "-n 2000 -c 10 -s 5000" "-n 500 -c 10 -s 100000"; do
     # shellcheck disable=SC2086
-    $harness -r 3 $cfg "${relays[@]}" | tee -a "$out"
+    $harness -r "${REPEATS:-5}" $cfg "${relays[@]}" | tee -a "$out"
   done
 else
   $harness "$@" "${relays[@]}" | tee -a "$out"
