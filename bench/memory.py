@@ -86,6 +86,9 @@ def run_case(args: argparse.Namespace, clients: int, payload: bytes, work: Path)
     extra = {
         "PYRELAY_UPSTREAM_DATA_TIMEOUT": f"{args.delay + 300:.0f}s",
         "PYRELAY_COMMAND_TIMEOUT": "600s",
+        # Every client here is 127.0.0.1: lift the per-client limit (50 per process), or the
+        # 200-client case would measure 421 replies instead of messages in flight.
+        "PYRELAY_MAX_CONNECTIONS_PER_CLIENT": "0",
     }
     if args.workers != "auto":
         extra["PYRELAY_WORKERS"] = args.workers

@@ -30,12 +30,13 @@ from pyrelay.wire import TERMINATOR
 
 log = get_logger("pyrelay.server")
 
-# Small enough that 200 sessions in DATA stay within a container's memory limit.
-READ_CHUNK = 64 * 1024
-# Commands and header lines are short; the stream buffer may hold a whole DATA chunk.  A
-# larger limit also stops StreamReader from pausing the socket every 2 KB (its flow control
-# threshold is twice the limit), which was a large part of aiosmtpd's DATA cost.
-STREAM_LIMIT = 64 * 1024
+# Memory per session in DATA is about the stream buffer (up to twice STREAM_LIMIT before
+# StreamReader pauses the socket), one chunk, and the spool writer's spill size: small enough
+# that every session of every worker (PYRELAY_MAX_CONNECTIONS each) in DATA at once stays within
+# the compose file's 128 MB, large enough that a chunk costs little per byte.  (aiosmtpd's 1 KB
+# default made the socket pause every 2 KB, which was a large part of its DATA cost.)
+READ_CHUNK = 32 * 1024
+STREAM_LIMIT = 16 * 1024
 
 # ``<dot-atom@dot-atom>`` followed by anything (the ESMTP parameters).
 _SIMPLE_PATH = re.compile(
