@@ -182,13 +182,7 @@ def _parse_v2(head: bytes, queue_id: str, state: str, file_size: int) -> Header:
         raise CorruptEntry("bad header line")
     length, size, flags = (int(p) for p in parts)
     end = PREAMBLE_SIZE + length
-    if head[end : end + 1] != b"\n":
-        raise CorruptEntry("truncated envelope")
-    try:
-        data = json.loads(head[PREAMBLE_SIZE:end])
-    except (ValueError, RecursionError) as exc:
-        raise CorruptEntry(f"bad envelope: {exc}") from None
-    env = _envelope(data, state)
+    env = _envelope(_json_at(head, PREAMBLE_SIZE, end), state)
     env.size = size
     env.smtputf8 = bool(flags & FLAG_SMTPUTF8)
     env.eightbit = bool(flags & FLAG_8BIT)
@@ -201,14 +195,18 @@ def _parse_v1(head: bytes, queue_id: str, state: str, file_size: int) -> Header:
         raise CorruptEntry("bad header line")
     start = nl + 1
     end = start + int(head[len(MAGIC_V1) : nl])
+    env = _envelope(_json_at(head, start, end), state)
+    return _checked(env, queue_id, end + 1, file_size)
+
+
+def _json_at(head: bytes, start: int, end: int) -> object:
+    """The envelope JSON between ``start`` and the newline at ``end``."""
     if head[end : end + 1] != b"\n":
         raise CorruptEntry("truncated envelope")
     try:
-        data = json.loads(head[start:end])
+        return json.loads(head[start:end])
     except (ValueError, RecursionError) as exc:
         raise CorruptEntry(f"bad envelope: {exc}") from None
-    env = _envelope(data, state)
-    return _checked(env, queue_id, end + 1, file_size)
 
 
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
