@@ -13,6 +13,7 @@ guarantees across a crash or a failed write:
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -139,7 +140,11 @@ class OutcomeRecorder:
                 )
                 still += bounced
         if still:
-            await self._defer(env, still, relay, delay, now, relays=relays, retry_in=retry_in)
+            # Durable only when this attempt changed some recipient's state.
+            changed = bool(sent or bounced)
+            await self._defer(
+                env, still, relay, delay, now, relays=relays, retry_in=retry_in, durable=changed
+            )
         else:
             self.metrics.latency.observe(now - env.arrival)
             await self._finished(env)
@@ -154,6 +159,7 @@ class OutcomeRecorder:
         *,
         relays: dict[str, str] | None = None,
         retry_in: float | None = None,
+        durable: bool = True,
     ) -> None:
         if retry_in is None:
             env.attempts += 1
@@ -168,7 +174,9 @@ class OutcomeRecorder:
             await self._finished(env, why="deleted by the operator during its delivery")
             return
         dst = "hold" if action == "hold" else "deferred"
-        await self.spool.run(self.spool.defer, env, dst)
+        await self.spool.run(
+            functools.partial(self.spool.defer, env, dst, durable=durable or dst == "hold")
+        )
         if action == "hold":
             self.spool.clear_request(env.queue_id)
             log.info("held", queue_id=env.queue_id, reason="hold requested during delivery")

@@ -263,7 +263,9 @@ class Scheduler:
         self._enqueue(found, "incoming")
 
     async def _scan_deferred(self) -> None:
-        everything, self._flush = self._flush, False
+        # A flush (postqueue -f) makes the whole deferred queue due, including the entries
+        # that do not fit in the active set this time: it lasts until a scan took them all.
+        everything = self._flush
         room = self._room()
         queued = frozenset(self._queued)
         horizon = self.settings.max_backoff * 1.2 + 1.0
@@ -293,6 +295,8 @@ class Scheduler:
         if not self._scans and result.count:
             log.info("queue_recovered", messages=result.count, due=len(result.due))
         self._scans += 1
+        if not result.more:
+            self._flush = False
         self._deferred_count = result.count
         self._deferred_delta = 0
         self._oldest = result.oldest

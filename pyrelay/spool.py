@@ -301,24 +301,32 @@ class Spool:
         """Take an entry for a delivery attempt (``src`` -> ``active/``)."""
         return self.move(queue_id, src, "active")
 
-    def defer(self, env: Envelope, dst: str = "deferred") -> None:
+    def defer(self, env: Envelope, dst: str = "deferred", *, durable: bool = True) -> None:
         """End an attempt that left recipients pending: persist the status, then move the entry
-        from ``active/`` to ``dst`` with its next attempt time as mtime.  Raises ``OSError``."""
+        from ``active/`` to ``dst`` with its next attempt time as mtime.  Raises ``OSError``.
+
+        ``durable=False`` when the attempt changed no recipient's state (the common deferral:
+        an upstream that is down): then neither directory is fsync'd.  A crash can only lose
+        the new attempt count (or leave the entry in ``active/``, which is retried at start-up);
+        the status file itself is still fsync'd before it replaces the old one, so it is never
+        found empty."""
         src = self.path("active", env.queue_id)
         if not src.exists():
             raise FileNotFoundError(errno.ENOENT, "entry vanished from active/", str(src))
-        self.write_status(env)
+        self.write_status(env, sync_dir=durable)
         crash_point("defer-after-status")
         when = env.next_attempt
         os.utime(src, (when, when))
         crash_point("defer-after-utime")
         os.rename(src, self.path(dst, env.queue_id))
         crash_point("defer-after-rename")
-        self._dirsync[dst].sync()
+        if durable:
+            self._dirsync[dst].sync()
         env.state = dst
 
-    def write_status(self, env: Envelope) -> None:
-        """Durably replace ``status/ID`` (write, fsync, rename, directory fsync)."""
+    def write_status(self, env: Envelope, *, sync_dir: bool = True) -> None:
+        """Replace ``status/ID`` (write, fsync, rename, and a directory fsync unless told
+        otherwise)."""
         tmp = self.root / "tmp" / f"{env.queue_id}.status"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -327,7 +335,8 @@ class Spool:
         finally:
             os.close(fd)
         os.rename(tmp, self.root / "status" / env.queue_id)
-        self._dirsync["status"].sync()
+        if sync_dir:
+            self._dirsync["status"].sync()
 
     def remove(self, queue_id: str, state: str) -> None:
         """Drop a finished entry.  The entry goes first: a status file without an entry is

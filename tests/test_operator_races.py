@@ -116,3 +116,22 @@ async def test_an_internal_error_is_a_counted_deferral_not_a_retry_loop(
     assert logs.has("event=delivery_crashed")
     assert logs.has("event=deferred", "internal error during delivery (RuntimeError)")
     assert calls == 2
+
+
+async def test_flush_retries_the_whole_queue_even_beyond_the_active_set(
+    upstream: Upstream, make_relay: Any, monkeypatch: Any
+) -> None:
+    """A flush makes every deferred entry due, also those that do not fit in the active set of
+    the first scan (Postfix's qmgr takes them in as room frees up)."""
+    from pyrelay import scheduler
+
+    monkeypatch.setattr(scheduler, "ACTIVE_LIMIT", 4)
+    upstream.state.data_reply = "451 4.3.0 later"
+    async with make_relay(upstream, min_backoff="60s", max_backoff="60s") as relay:
+        for i in range(12):
+            await relay.asend("a@example.org", [f"r{i}@dest.test"], MESSAGE)
+        spool = relay.relay.spool
+        await wait_until(lambda: len(list(spool.ids("deferred"))) == 12, what="12 deferred")
+        upstream.state.data_reply = None
+        relay.relay.scheduler.flush()
+        await wait_until(lambda: len(upstream.state.messages) == 12, 10, "every one delivered")
