@@ -77,7 +77,7 @@ class Scheduler:
         )
         self._runner: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._flush = False
+        self._flushed_at: float | None = None
         self._overflow = False
         self._more = False
         self._soonest = math.inf
@@ -165,7 +165,7 @@ class Scheduler:
     def flush(self) -> int:
         """Make every deferred message due now (``postqueue -f``); returns how many the last
         scan saw."""
-        self._flush = True
+        self._flushed_at = time.time()
         self.agents.clear_suspensions()
         self._wake.set()
         return self._deferred_count
@@ -265,7 +265,7 @@ class Scheduler:
     async def _scan_deferred(self) -> None:
         # A flush (postqueue -f) makes the whole deferred queue due, including the entries
         # that do not fit in the active set this time: it lasts until a scan took them all.
-        everything = self._flush
+        flushed_at = self._flushed_at
         room = self._room()
         queued = frozenset(self._queued)
         horizon = self.settings.max_backoff * 1.2 + 1.0
@@ -277,7 +277,7 @@ class Scheduler:
             count = 0
             oldest = now
             soonest = math.inf
-            for queue_id, when in self.spool.due(now, everything=everything, horizon=horizon):
+            for queue_id, when in self.spool.due(now, flushed_at=flushed_at, horizon=horizon):
                 count += 1
                 oldest = min(oldest, arrival_of(queue_id))
                 if when > now:
@@ -296,7 +296,7 @@ class Scheduler:
             log.info("queue_recovered", messages=result.count, due=len(result.due))
         self._scans += 1
         if not result.more:
-            self._flush = False
+            self._flushed_at = None
         self._deferred_count = result.count
         self._deferred_delta = 0
         self._oldest = result.oldest

@@ -449,10 +449,14 @@ class Spool:
                 if valid_queue_id(entry.name):
                     yield entry.name
 
-    def due(self, now: float, *, everything: bool, horizon: float) -> Iterator[tuple[str, float]]:
+    def due(
+        self, now: float, *, flushed_at: float | None, horizon: float
+    ) -> Iterator[tuple[str, float]]:
         """``(queue ID, next attempt)`` of every ``deferred/`` entry, one stat each; the caller
-        picks the due ones (``everything``: a flush makes all of them due).  A next attempt
-        further than ``horizon`` ahead comes from a clock that jumped back: due now."""
+        picks the due ones.  A flush at ``flushed_at`` makes every entry due that was deferred
+        before it (its ctime, set by the rename into ``deferred/``, is older), once: an entry
+        deferred again since then keeps its new time.  A next attempt further than ``horizon``
+        ahead comes from a clock that jumped back: due now."""
         try:
             it = os.scandir(self.root / "deferred")
         except FileNotFoundError:
@@ -462,10 +466,11 @@ class Spool:
                 if not valid_queue_id(entry.name):
                     continue
                 try:
-                    when = entry.stat(follow_symlinks=False).st_mtime
+                    st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                if everything or when > now + horizon:
+                when = st.st_mtime
+                if (flushed_at is not None and st.st_ctime < flushed_at) or when > now + horizon:
                     when = now
                 yield entry.name, when
 
