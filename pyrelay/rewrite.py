@@ -1,7 +1,9 @@
 """Header rewriting with Postfix cleanup(8) semantics.
 
-Messages are canonical bytes: CRLF line endings, not dot-stuffed. Only the header block is
-ever inspected; the body is handed back by offset so the caller can write it without a copy.
+``rewrite_message`` gets the header block of a message in wire form (CRLF line endings, as
+``pyrelay.cleanup`` collects it from DATA: a header line never starts with a stuffed dot, since a
+field name cannot begin with "."; anything else is relayed as it is).  Only the header block is
+inspected; what follows it is handed back by offset so the caller can write it without a copy.
 """
 
 from __future__ import annotations

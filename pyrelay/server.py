@@ -158,7 +158,8 @@ def _junk_limited(method: _SMTPCommand) -> _SMTPCommand:
 
 
 class RelayHandler:
-    """aiosmtpd hooks.  Kept small on purpose: aiosmtpd inspects the handler per connection."""
+    """aiosmtpd hooks (MAIL, RCPT, EHLO): policy decisions and the EHLO keywords.  aiosmtpd
+    reads the hook table once, from the template connection (see ``RelaySMTP._init_from``)."""
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
