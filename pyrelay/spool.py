@@ -513,7 +513,9 @@ class Spool:
         a finished entry).  Streams the directory: memory does not grow with the queue."""
         removed = 0
         for name in ("status", "requests"):
-            for queue_id in list(itertools.islice(self.ids(name), 100_000)):
+            # Unlinking while scandir iterates is fine on Linux (an entry may be seen twice or
+            # not at all; either is harmless here).
+            for queue_id in self.ids(name):
                 if self.find(queue_id) is None:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.root / name / queue_id)
