@@ -531,7 +531,7 @@ class EntryWriter:
     and every further chunk is written as it comes, so memory per session stays bounded.
     """
 
-    SPILL = 32 * 1024
+    SPILL = 128 * 1024
 
     def __init__(self, spool: Spool, env: Envelope) -> None:
         self.spool = spool
