@@ -10,6 +10,7 @@ recipients' MX hosts (``pyrelay.mx``).  An agent keeps one session per relay tar
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -284,7 +285,12 @@ class DeliveryAgents:
 
     async def _open(self, queue_id: str) -> OpenEntry | None:
         try:
-            result = await self.spool.run(self.spool.open_entry, "active", queue_id)
+            # A small message is read with its envelope: one thread job per delivery.
+            result = await self.spool.run(
+                functools.partial(
+                    self.spool.open_entry, "active", queue_id, preload=SpoolBody.CHUNK
+                )
+            )
         except CorruptEntry as exc:
             log.error("corrupt_queue_file", queue_id=queue_id, reason=str(exc))
             self.spool.quarantine("active", queue_id)

@@ -251,3 +251,21 @@ async def test_store_never_overwrites_an_entry(tmp_path: Path) -> None:
     assert spool.read_message(entry, 0, 100) == b"first\r\n"
     entry.close()
     spool.close()
+
+
+async def test_small_message_is_read_with_its_envelope(tmp_path: Path) -> None:
+    from pyrelay.spool import SpoolBody
+
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    env = Envelope(queue_id=spool.new_id(), sender="", recipients=["x@dest.test"], arrival=1.0)
+    await spool.store(env, [b"Subject: a\r\n\r\nbody\r\n"])
+    small = spool.open_entry("incoming", env.queue_id, preload=1024)
+    big = spool.open_entry("incoming", env.queue_id, preload=4)
+    assert small.preload == b"Subject: a\r\n\r\nbody\r\n" and big.preload is None
+    for entry in (small, big):
+        body = SpoolBody(spool, entry)
+        assert b"".join([c async for c in body.chunks()]) == b"Subject: a\r\n\r\nbody\r\n"
+        assert await body.head(9) == b"Subject: "
+        entry.close()
+    spool.close()
