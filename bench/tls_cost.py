@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import os
 import pty
 import re
@@ -236,37 +235,13 @@ class SmtpSink:
 
 
 def self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
-    """RSA-2048 key and self-signed certificate (like the one pyrelay generates for itself)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
+    """The same kind of key and certificate pyrelay generates for itself (one PEM file with
+    both, which Postfix reads as cert and key file alike)."""
+    from pyrelay.smtpd_tls import generate_self_signed
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    key_file, cert_file = directory / "tls-key.pem", directory / "tls-cert.pem"
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_file.chmod(0o600)
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert_file, key_file
+    pem = directory / "tls.pem"
+    generate_self_signed(pem, hostname)
+    return pem, pem
 
 
 class PyRelay:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 from pyrelay import dkim
 from pyrelay.config import Settings
-from pyrelay.errors import SMTPReply, SpoolError
+from pyrelay.errors import SMTPReply
 from pyrelay.logging import get_logger
 from pyrelay.queuefile import Envelope
 from pyrelay.rewrite import Rewritten, build_received, masquerade_address, rewrite_message
@@ -265,10 +265,7 @@ class Cleanup:
         if prepend and not self.writer.set_prepend(prepend):
             log.warning("dkim_signature_too_large", queue_id=self.queue_id, size=len(prepend))
             prepend = b""
-        try:
-            await self.writer.commit(smtputf8=smtputf8, eightbit=self.eightbit)
-        except SpoolError:
-            raise
+        await self.writer.commit(smtputf8=smtputf8, eightbit=self.eightbit)
         payload = self.writer.payload
         if prepend and payload is not None:
             payload = prepend + payload
