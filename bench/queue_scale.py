@@ -211,12 +211,22 @@ def run(args: argparse.Namespace, n: int, work: Path) -> None:
         sink = Sink(work, port=upstream, prefer_postfix=not args.no_postfix)
         sampler = Sampler(root=relay.pid).start()
         sent0 = relay.count("sent")
+        spy = None
+        if args.profile:
+            spy = subprocess.Popen(
+                ["py-spy", "record", "-p", str(relay.pid), "-r", "200", "-f", "raw"]
+                + ["-o", args.profile, "-d", str(int(args.profile_secs))],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         t0 = time.monotonic()
         flush(env)
         drained = wait_count(relay, "sent", sent0 + queued, args.drain_timeout)
         secs = time.monotonic() - t0
         sent = relay.count("sent") - sent0
         peaks = sampler.stop()
+        if spy is not None:
+            spy.wait(timeout=args.profile_secs + 30)
         say(
             f"{tag} drain: upstream={sink.kind} sent={sent}/{queued}"
             f"{'' if drained else ' (INCOMPLETE)'} drain_s={secs:.1f} "
@@ -251,6 +261,10 @@ def main() -> int:
     ap.add_argument(
         "--no-postfix", action="store_true", help="Python clients and bench/sink.py only"
     )
+    ap.add_argument(
+        "--profile", help="py-spy record the primary during the drain into this file (raw stacks)"
+    )
+    ap.add_argument("--profile-secs", type=float, default=20.0)
     ap.add_argument("--workdir", default="/var/tmp", help="where the spool goes (a disk)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pyrelay-bench-queue-", dir=args.workdir))

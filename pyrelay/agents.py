@@ -24,8 +24,9 @@ from pyrelay.metrics import Metrics
 from pyrelay.outcome import BOUNCE_HEADERS, OutcomeRecorder
 from pyrelay.queuefile import CorruptEntry, Envelope
 from pyrelay.ratelimit import RateLimiter, is_throttling
+from pyrelay.reaper import Reaper
 from pyrelay.routes import Route, RouteTable, Target, route_counter
-from pyrelay.spool import OpenEntry, Spool, SpoolBody
+from pyrelay.spool import ClaimError, OpenEntry, Spool, SpoolBody
 from pyrelay.transaction import MessageBody
 
 if TYPE_CHECKING:
@@ -116,6 +117,7 @@ class DeliveryAgents:
         upstream: Upstream,
         recorder: OutcomeRecorder,
         take: Callable[[], Awaitable[WorkItem]],
+        reaper: Reaper,
     ) -> None:
         self.settings = settings
         self.spool = spool
@@ -123,6 +125,7 @@ class DeliveryAgents:
         self.upstream = upstream
         self.recorder = recorder
         self.take = take
+        self.reaper = reaper
         self.suspension = Suspension(settings)
         self.routes = RouteTable(settings)
         self.limiter = RateLimiter(settings.spool_dir)
@@ -157,7 +160,7 @@ class DeliveryAgents:
         """Take no new work; let attempts in flight finish within ``grace`` seconds.  Whatever is
         not finished stays in the spool (``active/``) and is retried at the next start."""
         self._closing = True
-        self.recorder.closing = True
+        self.reaper.closing = True
         for task in self._tasks:
             if task not in self._busy:
                 task.cancel()
@@ -228,23 +231,13 @@ class DeliveryAgents:
 
     async def _deliver(self, item: WorkItem, sessions: Sessions) -> None:
         queue_id = item.queue_id
-        try:
-            if not self.spool.claim(queue_id, item.state):
-                return  # held, deleted or taken by someone else since it was queued
-        except OSError as exc:
-            # A read-only or broken spool: the entry stays where it is for a later scan.
-            log.error("queue_file_move_failed", queue_id=queue_id, reason=exc.strerror or str(exc))
-            return
-        action = self.spool.pending_request(queue_id)
-        if action is not None:
-            self.spool.honour_request(queue_id, action)
-            log.info("operator_request", queue_id=queue_id, action=action)
-            return
         entry: OpenEntry | None = None
         try:
             if isinstance(item, FreshMessage) and item.payload is not None:
+                # In memory already: only the claim, on the loop (no thread hand-off).
+                if not self._claim_fresh(item):
+                    return
                 env = item.envelope
-                env.state = "active"
                 body: MessageBody = InMemoryBody(item.payload)
                 payload = item.payload
 
@@ -252,10 +245,7 @@ class DeliveryAgents:
                     return payload[:BOUNCE_HEADERS]
 
             else:
-                try:
-                    entry = await self._open(queue_id)
-                except FileNotFoundError:
-                    return
+                entry = await self._take(item)
                 if entry is None:
                     return
                 env = entry.envelope
@@ -281,28 +271,55 @@ class DeliveryAgents:
             await self._record(env, head, attempt)
         finally:
             if entry is not None:
-                entry.close()
+                self.reaper.close(entry.fd)  # after its unlink, if any: see pyrelay.reaper
 
-    async def _open(self, queue_id: str) -> OpenEntry | None:
+    def _claim_fresh(self, item: FreshMessage) -> bool:
+        queue_id = item.queue_id
         try:
-            # A small message is read with its envelope: one thread job per delivery.
+            if not self.spool.claim(queue_id, item.state):
+                return False  # held, deleted or taken by someone else since it was queued
+        except OSError as exc:
+            # A read-only or broken spool: the entry stays where it is for a later scan.
+            log.error("queue_file_move_failed", queue_id=queue_id, reason=exc.strerror or str(exc))
+            return False
+        action = self.spool.pending_request(queue_id)
+        if action is not None:
+            self._honour(queue_id, action)
+            return False
+        item.envelope.state = "active"
+        return True
+
+    def _honour(self, queue_id: str, action: str) -> None:
+        self.spool.honour_request(queue_id, action)
+        log.info("operator_request", queue_id=queue_id, action=action)
+
+    async def _take(self, item: WorkItem) -> OpenEntry | None:
+        """Claim and open a queued entry in one thread job (a small message is read with its
+        envelope); None when there is nothing to deliver."""
+        queue_id = item.queue_id
+        try:
             result = await self.spool.run(
-                functools.partial(
-                    self.spool.open_entry, "active", queue_id, preload=SpoolBody.CHUNK
-                )
+                functools.partial(self.spool.take, item.state, queue_id, preload=SpoolBody.CHUNK)
             )
+        except ClaimError as exc:
+            # A read-only or broken spool: the entry stays where it is for a later scan.
+            log.error("queue_file_move_failed", queue_id=queue_id, reason=str(exc))
+            return None
         except CorruptEntry as exc:
             log.error("corrupt_queue_file", queue_id=queue_id, reason=str(exc))
             self.spool.quarantine("active", queue_id)
             return None
         except FileNotFoundError:
-            raise
+            return None
         except OSError as exc:
             # Unreadable (I/O error, permissions): keep it for a later attempt, never crash.
             log.error("unreadable_queue_file", queue_id=queue_id, reason=exc.strerror or str(exc))
             self.spool.move(queue_id, "active", "deferred")
             return None
-        assert isinstance(result, OpenEntry)
+        if isinstance(result, str):
+            self._honour(queue_id, result)
+            return None
+        assert result is None or isinstance(result, OpenEntry)
         return result
 
     async def _record(

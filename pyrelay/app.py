@@ -16,7 +16,7 @@ from pyrelay.constants import PID_FILE
 from pyrelay.drain import DrainRequest, drain, take_request
 from pyrelay.errors import ConfigError
 from pyrelay.http import HttpServer
-from pyrelay.logging import get_logger
+from pyrelay.logging import flush_logs, get_logger
 from pyrelay.metrics import Metrics, enable_multiprocess
 from pyrelay.scheduler import Scheduler
 from pyrelay.server import Listener
@@ -214,6 +214,7 @@ class Relay:
     def _on_exit_signal(self, sig: int) -> None:
         if self._exit.is_set():
             log.warning("forced_exit", signal=signal.Signals(sig).name)
+            flush_logs()
             os._exit(1)
         log.info("signal", signal=signal.Signals(sig).name)
         self._exit.set()

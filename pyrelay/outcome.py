@@ -12,7 +12,6 @@ guarantees across a crash or a failed write:
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import random
 import time
@@ -26,6 +25,7 @@ from pyrelay.errors import SpoolError
 from pyrelay.logging import get_logger
 from pyrelay.metrics import Metrics
 from pyrelay.queuefile import Envelope
+from pyrelay.reaper import Reaper
 from pyrelay.rewrite import masquerade_address
 from pyrelay.spool import Spool, crash_point
 from pyrelay.wire import dot_stuff, header_block
@@ -71,15 +71,16 @@ class OutcomeRecorder:
         spool: Spool,
         metrics: Metrics,
         submit: Callable[[Envelope, bytes | None], None],
+        reaper: Reaper,
     ) -> None:
         self.settings = settings
         self.spool = spool
+        self.reaper = reaper
         self.metrics = metrics
         self.submit = submit
         # Told the time of every deferral's next attempt (the primary's queue runner wakes up
         # for the soonest).
         self.on_deferred: Callable[[float], None] = lambda when: None
-        self.closing = False
 
     async def record(
         self,
@@ -193,39 +194,10 @@ class OutcomeRecorder:
             self.on_deferred(env.next_attempt)
 
     async def _finished(self, env: Envelope, *, why: str = "") -> None:
-        """Unlink the entry.  When the spool refuses (read-only, I/O error) retry only the
-        unlink: the message must not be delivered again by this process.  A restart before the
-        unlink succeeds re-delivers it (the documented at-least-once window)."""
-        try:
-            self.spool.remove(env.queue_id, "active")
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.error(
-                "queue_file_remove_failed",
-                queue_id=env.queue_id,
-                reason=exc.strerror or str(exc),
-                note="delivered; retrying the unlink only",
-            )
-            self._remove_later(env.queue_id, 0.5)
-            return
-        log.info("removed", queue_id=env.queue_id, **({"reason": why} if why else {}))
-
-    def _remove_later(self, queue_id: str, wait: float) -> None:
-        if self.closing:
-            return
-
-        def retry() -> None:
-            try:
-                self.spool.remove(queue_id, "active")
-            except FileNotFoundError:
-                pass
-            except OSError:
-                self._remove_later(queue_id, min(wait * 2, max(0.5, self.settings.max_backoff)))
-                return
-            log.info("removed", queue_id=queue_id)
-
-        asyncio.get_running_loop().call_later(wait, retry)
+        """The entry leaves the queue: unlinked by the reaper, off the loop and in a batch
+        (``removed`` is logged then).  Until then it is in ``active/``, where a restart finds it
+        (the documented at-least-once window)."""
+        self.reaper.remove(env.queue_id, why)
 
     def bounce_sender(self) -> str:
         """``PYRELAY_BOUNCE_FROM`` (MAILER-DAEMON@<hostname>), through MASQUERADED_DOMAINS like

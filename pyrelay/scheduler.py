@@ -29,6 +29,7 @@ from pyrelay.logging import get_logger
 from pyrelay.metrics import Metrics
 from pyrelay.outcome import OutcomeRecorder, retry_delay
 from pyrelay.queuefile import Envelope
+from pyrelay.reaper import Reaper
 from pyrelay.spool import Spool, arrival_of, worker_of
 
 __all__ = ["ACTIVE_LIMIT", "Scheduler", "retry_delay"]
@@ -38,9 +39,13 @@ log = get_logger("pyrelay.scheduler")
 # Work items in memory at once (Postfix qmgr_message_active_limit is 20000; an item here is a
 # queue ID, or a fresh message's envelope).
 ACTIVE_LIMIT = 10_000
+# Fresh messages waiting with their envelope (and small ones with their bytes); past it a fresh
+# message waits as its queue ID and is read back from the spool when its turn comes.  A backlog
+# (an upstream that is down) then costs about 150 bytes per waiting message, not 1-6 KB.
+FRESH_LIMIT = 1_000
 # Bytes of small fresh messages kept in memory for their first attempt; past it they are read
 # back from the spool.
-PAYLOAD_BUDGET = 8 * 1024 * 1024
+PAYLOAD_BUDGET = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +75,11 @@ class Scheduler:
         self.queue: asyncio.Queue[WorkItem] = asyncio.Queue()
         self._queued: set[str] = set()
         self._payload = 0
-        self.recorder = OutcomeRecorder(settings, spool, metrics, self.submit)
+        self.reaper = Reaper(spool, max_wait=lambda: settings.max_backoff)
+        self.recorder = OutcomeRecorder(settings, spool, metrics, self.submit, self.reaper)
         self.recorder.on_deferred = self._deferred_until
         self.agents = DeliveryAgents(
-            settings, spool, metrics, self.upstream, self.recorder, self._take
+            settings, spool, metrics, self.upstream, self.recorder, self._take, self.reaper
         )
         self._runner: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -119,6 +125,7 @@ class Scheduler:
         if self._runner is not None:
             self._runner.cancel()
         await self.agents.stop(grace)
+        await self.reaper.wait()  # the unlinks of what was delivered, before the executor goes
         if self._runner is not None:
             await asyncio.gather(self._runner, return_exceptions=True)
 
@@ -127,8 +134,14 @@ class Scheduler:
     def submit(self, env: Envelope, payload: bytes | None) -> None:
         """A message just became durable in ``incoming/``: deliver it as soon as an agent is
         free.  When the active queue is full it waits on disk for a later scan."""
-        if self.queue.qsize() >= ACTIVE_LIMIT:
+        waiting = self.queue.qsize()
+        if waiting >= ACTIVE_LIMIT:
             self._overflow = True
+            return
+        if waiting >= FRESH_LIMIT:
+            self._queued.add(env.queue_id)
+            self._not_deferred += 1
+            self.queue.put_nowait(DueEntry(env.queue_id, "incoming"))
             return
         if payload is not None:
             if self._payload + len(payload) > PAYLOAD_BUDGET:

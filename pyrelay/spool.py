@@ -169,6 +169,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class ClaimError(Exception):
+    """An entry could not be moved into ``active/`` (a read-only or broken spool)."""
+
+
 @dataclass(slots=True)
 class OpenEntry:
     """A claimed entry opened for delivery: its envelope (status applied) and the message's
@@ -437,6 +441,21 @@ class Spool:
             if len(data) == env.size:
                 entry.preload = data
         return entry
+
+    def take(self, src: str, queue_id: str, *, preload: int = 0) -> OpenEntry | str | None:
+        """Claim an entry and open it: one thread job per delivery (blocking).  None when it is
+        no longer in ``src``; the action when an operator request is pending (the entry is then
+        in ``active/``, for ``honour_request``).  ``ClaimError`` when the rename failed (the
+        entry stays in ``src``); otherwise as ``open_entry``."""
+        try:
+            if not self.claim(queue_id, src):
+                return None
+        except OSError as exc:
+            raise ClaimError(exc.strerror or str(exc)) from exc
+        action = self.pending_request(queue_id)
+        if action is not None:
+            return action
+        return self.open_entry("active", queue_id, preload=preload)
 
     def read_envelope(self, state: str, queue_id: str) -> Envelope:
         entry = self.open_entry(state, queue_id)

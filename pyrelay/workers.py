@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 
 from pyrelay.config import Settings
-from pyrelay.logging import get_logger
+from pyrelay.logging import flush_logs, get_logger
 from pyrelay.scheduler import Scheduler
 
 log = get_logger("pyrelay.workers")
@@ -72,6 +72,7 @@ def fork_workers(settings: Settings, serve: Callable[[Settings, int], None]) -> 
             except BaseException:
                 code = 1
             finally:
+                flush_logs()
                 os._exit(code)
         pids[index] = pid
     gc.unfreeze()
