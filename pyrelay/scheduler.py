@@ -308,7 +308,9 @@ class Scheduler:
         if not self._scans and result.count:
             log.info("queue_recovered", messages=result.count, due=len(result.due))
         self._scans += 1
-        if not result.more:
+        if not result.more and self._flushed_at == flushed_at:
+            # Only the flush this scan honoured ends: one that came while it ran still stands
+            # (and its wake-up runs the next scan).
             self._flushed_at = None
         self._deferred_count = result.count
         self._deferred_delta = 0

@@ -135,3 +135,35 @@ async def test_flush_retries_the_whole_queue_even_beyond_the_active_set(
         upstream.state.data_reply = None
         relay.relay.scheduler.flush()
         await wait_until(lambda: len(upstream.state.messages) == 12, 10, "every one delivered")
+
+
+async def test_a_flush_during_a_queue_scan_is_not_lost(
+    upstream: Upstream, make_relay: Any, monkeypatch: Any
+) -> None:
+    """`queue flush` while the queue runner is scanning (a scan of 100 000 entries takes a
+    second): the scan in progress did not see the flush, and must not end it either."""
+    import threading
+
+    upstream.state.data_reply = "451 4.3.0 later"
+    async with make_relay(upstream, min_backoff="600s", max_backoff="600s") as relay:
+        for i in range(3):
+            await relay.asend("a@example.org", [f"r{i}@dest.test"], MESSAGE)
+        spool = relay.relay.spool
+        scheduler = relay.relay.scheduler
+        await wait_until(lambda: len(list(spool.ids("deferred"))) == 3, what="3 deferred")
+        upstream.state.data_reply = None
+        in_scan, release = threading.Event(), threading.Event()
+        real_due = spool.due
+
+        def slow_due(*args: Any, **kwargs: Any) -> Any:
+            if not in_scan.is_set():
+                in_scan.set()
+                release.wait(10)  # the scan is under way, the flush lands now
+            return real_due(*args, **kwargs)
+
+        monkeypatch.setattr(spool, "due", slow_due)
+        scheduler.scan_now()
+        await asyncio.to_thread(in_scan.wait, 10)
+        scheduler.flush()
+        release.set()
+        await wait_until(lambda: len(upstream.state.messages) == 3, 10, "flushed and delivered")
