@@ -8,6 +8,7 @@ import collections
 import contextlib
 import os
 import re
+import selectors
 import shutil
 import signal
 import socket
@@ -27,6 +28,8 @@ __all__ = ["MB", "REPO", "Relay", "Sampler", "Sink", "cpu_of", "io_of", "mem_of"
 SENDER = "app@example.org"
 RCPT = "user@dest.test"
 _EVENT = re.compile(rb'"event": "([a-z_]+)"')
+# Log lines kept for diagnostics besides those that are no event: errors, warnings, deferrals.
+_TAIL = re.compile(rb'"level": "error"|"warning"|"event": "deferred"')
 
 
 def free_port() -> int:
@@ -41,6 +44,29 @@ def accepts(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def ready_port(proc: subprocess.Popen[bytes], what: str, timeout: float = 15.0) -> int:
+    """The port in a helper's first line of output, ``READY <port>``, waited for at most
+    ``timeout`` seconds."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        line = proc.stdout.readline().decode() if selector.select(timeout) else ""
+    if not line.startswith("READY "):
+        raise RuntimeError(f"{what} did not start: {line!r}")
+    return int(line.split()[1])
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM ``proc``, SIGKILL it if it is still there after ``grace`` seconds; reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(grace)
 
 
 def relay_env(port: int, upstream_port: int, spool: Path, **extra: str) -> dict[str, str]:
@@ -107,7 +133,7 @@ class Relay:
             with self._lock:
                 for ev in events:
                     self.counts[ev.decode()] += 1
-                if not events or b'"level": "error"' in line or b'"warning"' in line:
+                if not events or _TAIL.search(line):
                     self.tail.append(line.decode(errors="replace").rstrip()[:300])
 
     def count(self, event: str) -> int:
@@ -199,16 +225,23 @@ class Relay:
 
 class Sink:
     """An upstream on 127.0.0.1: Postfix's ``smtp-sink`` if installed (and ``prefer_postfix``),
-    else ``bench/sink.py``.  ``received()`` counts messages only for bench/sink.py."""
+    else ``bench/sink.py`` (offering STARTTLS with ``tls_cert``, a PEM file with the certificate
+    chain and key).  ``received()`` and ``stats()`` count only for bench/sink.py."""
 
     def __init__(
-        self, workdir: Path, *, port: int = 0, delay: float = 0.0, prefer_postfix: bool = False
+        self,
+        workdir: Path,
+        *,
+        port: int = 0,
+        delay: float = 0.0,
+        prefer_postfix: bool = False,
+        tls_cert: Path | None = None,
     ) -> None:
         self.count_file = workdir / f"sink-{time.monotonic_ns()}.count"
         smtp_sink = shutil.which("smtp-sink") or (
             "/usr/sbin/smtp-sink" if os.path.exists("/usr/sbin/smtp-sink") else None
         )
-        if prefer_postfix and smtp_sink and delay == 0 and port:
+        if prefer_postfix and smtp_sink and delay == 0 and port and tls_cert is None:
             self.kind = "postfix smtp-sink"
             cmd = [smtp_sink, "-c", f"127.0.0.1:{port}", "1024"]
             if os.geteuid() == 0:
@@ -235,32 +268,36 @@ class Sink:
                 str(delay),
                 "--count-file",
                 str(self.count_file),
+                *(["--tls-cert", str(tls_cert)] if tls_cert else []),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode()
-        if not line.startswith("READY "):
+        try:
+            self.port = ready_port(self.proc, "bench/sink.py")
+        except RuntimeError:
             self.stop()
-            raise RuntimeError(f"bench/sink.py did not start: {line!r}")
-        self.port = int(line.split()[1])
+            raise
 
     def received(self) -> int:
+        return int(self.stats()["messages"])
+
+    def stats(self) -> dict[str, float]:
+        """bench/sink.py's counters: ``messages``, ``last_at`` (``time.monotonic()`` of the last
+        message), ``connections``, ``connections_peak`` (most open at once), ``tls`` (completed
+        handshakes); zeros until it has written them."""
+        keys = ("messages", "last_at", "connections", "connections_peak", "tls")
         try:
-            return int(self.count_file.read_text())
+            values = [float(v) for v in self.count_file.read_text().split()]
         except (OSError, ValueError):
-            return 0
+            values = []
+        if len(values) != len(keys):
+            values = [0.0] * len(keys)
+        return dict(zip(keys, values, strict=True))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         with contextlib.suppress(OSError):
             self.count_file.unlink()
 

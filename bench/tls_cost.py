@@ -56,11 +56,21 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-from benchlib import RCPT, SENDER, Relay, accepts, free_port, relay_env, tree_pids
+from benchlib import (
+    RCPT,
+    SENDER,
+    Relay,
+    accepts,
+    free_port,
+    relay_env,
+    stop_process,
+    tree_pids,
+)
 
 CONFIGS = ("pyrelay-plain", "pyrelay-tls", "postfix-plain", "postfix-tls")
 PF_HOSTNAME = "relay-bench.localdomain"
@@ -70,10 +80,14 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-# Everything started and not yet stopped; main() stops what is left on any exit.  A termination
-# signal raises KeyboardInterrupt, but not between a process's start and its registration here
-# (``signals_held``: the interrupt is raised at the end of the block instead).
-LIVE: list[SmtpSink | PyRelay | Postfix] = []
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+# Everything started and not yet stopped; guarded() stops what is left on any exit.  A
+# termination signal raises KeyboardInterrupt, but not between a process's start and its
+# registration here (``signals_held``: the interrupt is raised at the end of the block instead).
+LIVE: list[Stoppable] = []
 _held = 0
 _pending: list[int] = []
 
@@ -101,6 +115,72 @@ def sbin(name: str) -> str | None:
     return shutil.which(name) or (
         f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
     )
+
+
+# -- shared by the scripts that drive a relay beside Postfix (bench/distant.py too) -----------
+
+
+def common_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--e2e-timeout", type=float, default=120, help="wait for the sink (s)")
+    ap.add_argument("--start-timeout", type=float, default=60, help="relay start limit (s)")
+    ap.add_argument("--workdir", default=None, help="parent of the temp dir (default: TMPDIR)")
+
+
+def parse_configs(ap: argparse.ArgumentParser, text: str, choices: Sequence[str]) -> list[str]:
+    configs = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in choices]
+    if unknown or not configs:
+        ap.error(f"unknown config(s) {unknown}; choose from {','.join(choices)}")
+    return configs
+
+
+def need_postfix(ap: argparse.ArgumentParser, what: str) -> None:
+    """Exit with usage if ``postfix`` cannot run a private instance (/usr/sbin joins PATH)."""
+    if not shutil.which("postfix") and Path("/usr/sbin/postfix").exists():
+        os.environ["PATH"] += ":/usr/sbin"
+    if not shutil.which("postfix") or os.geteuid() != 0:
+        ap.error(f"{what} need the postfix command and root")
+
+
+def wait_delivered(
+    received: Callable[[], int], want: int, relay: PyRelay | Postfix, deadline: float
+) -> None:
+    """Until ``received()`` reaches ``want``, ``deadline`` (monotonic) passes or the relay dies
+    (checked twice a second)."""
+    checked = time.monotonic()
+    while received() < want and time.monotonic() < deadline:
+        if time.monotonic() - checked > 0.5:
+            if not relay.alive():
+                return
+            checked = time.monotonic()
+        time.sleep(0.01)
+
+
+def guarded(prefix: str, workdir: str | None, body: Callable[[Path], int]) -> int:
+    """``body(work)`` with a fresh temp dir (mode 0755: the postfix user must reach its queue and
+    files below it); SIGTERM/SIGHUP unwind like Ctrl-C (exit code 130), and on any exit whatever
+    is left in ``LIVE`` is stopped and the temp dir removed."""
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    for signum in signals:
+        signal.signal(signum, interrupted)
+    work: Path | None = None
+    try:
+        work = Path(tempfile.mkdtemp(prefix=prefix, dir=workdir))
+        work.chmod(0o755)
+        return body(work)
+    except KeyboardInterrupt as exc:
+        say(f"interrupted ({exc or 'SIGINT'}); cleaning up")
+        return 130
+    finally:
+        for signum in signals:
+            signal.signal(signum, signal.SIG_IGN)  # a second signal must not cut the cleanup
+        for leftover in reversed(LIVE[:]):
+            with contextlib.suppress(Exception):
+                leftover.stop()
+            with contextlib.suppress(ValueError):
+                LIVE.remove(leftover)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 # -- CPU of a process tree, reaped children included ------------------------------------------
@@ -216,13 +296,7 @@ class SmtpSink:
                 self.received = int(counts[-1])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         if self._reader.is_alive():
             self._reader.join(2)
         with contextlib.suppress(OSError):
@@ -247,9 +321,14 @@ def self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
 class PyRelay:
     name = "pyrelay"
 
-    def __init__(self, work: Path, port: int, sink_port: int, tls: bool) -> None:
+    def __init__(self, work: Path, port: int, sink_port: int, tls: bool, **extra: str) -> None:
+        """``extra``: more environment variables (e.g. the upstream's TLS settings)."""
         env = relay_env(
-            port, sink_port, work / "spool", PYRELAY_SMTPD_TLS_LEVEL="may" if tls else "none"
+            port,
+            sink_port,
+            work / "spool",
+            PYRELAY_SMTPD_TLS_LEVEL="may" if tls else "none",
+            **extra,
         )
         env["ALLOWED_SENDER_DOMAINS"] = SENDER.rsplit("@", 1)[1]
         with signals_held():
@@ -275,12 +354,20 @@ class PyRelay:
 
 
 class Postfix:
-    """A private Postfix instance in ``work``, configured like ``relay_bench.sh``'s pf_start."""
+    """A private Postfix instance in ``work``, configured like ``relay_bench.sh``'s pf_start;
+    ``settings`` replace or add main.cf parameters (e.g. ``relayhost``, ``smtp_tls_*``),
+    ``services`` enables master.cf services that are commented out (e.g. ``tlsproxy``)."""
 
     name = "postfix"
 
     def __init__(
-        self, work: Path, port: int, sink_port: int, tls: tuple[Path, Path] | None
+        self,
+        work: Path,
+        port: int,
+        sink_port: int,
+        tls: tuple[Path, Path] | None,
+        settings: dict[str, str] | None = None,
+        services: tuple[str, ...] = (),
     ) -> None:
         self.port = port
         self.dir = work / "pf"
@@ -290,6 +377,8 @@ class Postfix:
             (self.dir / sub).mkdir(parents=True)
         master = []
         for line in Path("/etc/postfix/master.cf").read_text().splitlines():
+            if line.startswith("#") and line[1:].split()[:1] in ([s] for s in services):
+                line = line[1:]
             fields = line.split()
             if re.match(r"[a-z]", line) and len(fields) >= 8:
                 if fields[0] == "smtp" and fields[1] == "inet":
@@ -328,6 +417,12 @@ biff = no
             )
         else:
             main += "smtpd_tls_security_level = none\n"
+        for name, value in (settings or {}).items():
+            line = f"{name} = {value}"
+            escaped = line.replace("\\", "\\\\")  # a replacement template
+            main, found = re.subn(rf"(?m)^{re.escape(name)} = .*$", escaped, main)
+            if not found:
+                main += line + "\n"
         (self.etc / "main.cf").write_text(main)
         shutil.chown(self.dir / "data", "postfix")
         self._postfix("check")
@@ -505,14 +600,7 @@ def run_one(
         sent = send_all(port, args.n, args.clients, msg, tls, args.conn_timeout, t0 + args.timeout)
         t1 = time.monotonic()
         own1 = sum(os.times()[:2])
-        deadline = t1 + args.e2e_timeout
-        checked = t1
-        while sink.received < sent.ok and time.monotonic() < deadline:
-            if time.monotonic() - checked > 0.5:
-                if not relay.alive():
-                    break
-                checked = time.monotonic()
-            time.sleep(0.01)
+        wait_delivered(lambda: sink.received, sent.ok, relay, t1 + args.e2e_timeout)
         t2 = time.monotonic()
         cpu1 = relay.tree.cpu()
         received = sink.received
@@ -605,31 +693,17 @@ def main() -> int:
     ap.add_argument("-r", "--repeats", type=int, default=3, help="interleaved repeats")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma list of configs")
     ap.add_argument("--timeout", type=float, default=600, help="send phase limit per run (s)")
-    ap.add_argument("--e2e-timeout", type=float, default=120, help="wait for the sink (s)")
     ap.add_argument("--conn-timeout", type=float, default=30, help="client socket timeout (s)")
-    ap.add_argument("--start-timeout", type=float, default=60, help="relay start limit (s)")
-    ap.add_argument("--workdir", default=None, help="parent of the temp dir (default: TMPDIR)")
+    common_options(ap)
     args = ap.parse_args()
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown or not configs:
-        ap.error(f"unknown config(s) {unknown}; choose from {','.join(CONFIGS)}")
+    configs = parse_configs(ap, args.configs, CONFIGS)
     if sbin("smtp-sink") is None:
         ap.error("smtp-sink not found: install Debian's postfix package")
     if any(c.startswith("postfix") for c in configs):
-        if not shutil.which("postfix") and Path("/usr/sbin/postfix").exists():
-            os.environ["PATH"] += ":/usr/sbin"
-        if not shutil.which("postfix") or os.geteuid() != 0:
-            ap.error("the postfix configs need the postfix command and root")
+        need_postfix(ap, "the postfix configs")
 
-    # SIGTERM/SIGHUP unwind like Ctrl-C, so every finally below runs.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, interrupted)
-
-    work = Path(tempfile.mkdtemp(prefix="tls_cost.", dir=args.workdir))
-    work.chmod(0o755)  # the postfix user must reach its queue below it
-    results: dict[str, list[dict[str, float] | None]] = {c: [] for c in configs}
-    try:
+    def body(work: Path) -> int:
+        results: dict[str, list[dict[str, float] | None]] = {c: [] for c in configs}
         pf_cert = None
         if any(c == "postfix-tls" for c in configs):
             certs = work / "certs"
@@ -645,18 +719,10 @@ def main() -> int:
             for config in configs:
                 results[config].append(run_one(args, rep, config, work, pf_cert))
         summarize(results, configs)
-    except KeyboardInterrupt as exc:
-        say(f"interrupted ({exc or 'SIGINT'}); cleaning up")
-        return 130
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_IGN)  # a second signal must not cut the cleanup
-        for leftover in reversed(LIVE[:]):
-            with contextlib.suppress(Exception):
-                leftover.stop()
-        shutil.rmtree(work, ignore_errors=True)
-    failed = sum(r is None for rows in results.values() for r in rows)
-    return 1 if failed else 0
+        failed = sum(r is None for rows in results.values() for r in rows)
+        return 1 if failed else 0
+
+    return guarded("tls_cost.", args.workdir, body)
 
 
 if __name__ == "__main__":
