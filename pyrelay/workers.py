@@ -18,6 +18,13 @@ input must be validated (0.1 had one: a datagram naming a file outside the spool
 and costs a second process wake-up per message; with deferrals found by scanning, the simpler
 design is also the one with nothing to trust.
 
+Measured (issue 8, 2026-12-01, 2 workers, ``shared/bench/relay_bench.sh`` 2000 x 5 KB, 5
+interleaved repeats): a prototype in which the secondary only accepted and sent each new queue
+ID to the primary over a datagram socketpair (the primary claimed and delivered everything)
+relayed 0.97x (0.83-1.00) of this design's e2e rate at 10 clients and 1.05x (0.80-1.33) at 50,
+with the same CPU per message (2.9 against 2.8 s per 1000 at 10 clients).  Within the 5 % that
+would justify the extra moving part, so it was not kept.
+
 The first workers are forked before the event loop starts, sharing the imported code with the
 primary (``gc.freeze`` keeps the collector from un-sharing it); a replacement for a worker that
 died is a fresh ``pyrelay worker N`` process, because forking a process with a running event
