@@ -234,8 +234,8 @@ class DeliveryAgents:
         entry: OpenEntry | None = None
         try:
             if isinstance(item, FreshMessage) and item.payload is not None:
-                # In memory already: only the claim, on the loop (no thread hand-off).
-                if not self._claim_fresh(item):
+                # In memory already: only the claim.
+                if not await self._claim_fresh(item):
                     return
                 env = item.envelope
                 body: MessageBody = InMemoryBody(item.payload)
@@ -273,19 +273,23 @@ class DeliveryAgents:
             if entry is not None:
                 self.reaper.close(entry.fd)  # after its unlink, if any: see pyrelay.reaper
 
-    def _claim_fresh(self, item: FreshMessage) -> bool:
+    async def _claim_fresh(self, item: FreshMessage) -> bool:
+        """Claim a message that is in memory; in a thread: a rename is journal work (it was 7 %
+        of the event loop's time at 10 clients)."""
         queue_id = item.queue_id
         try:
-            if not self.spool.claim(queue_id, item.state):
-                return False  # held, deleted or taken by someone else since it was queued
-        except OSError as exc:
+            claimed = await self.spool.run(
+                functools.partial(self.spool.claim_checked, item.state, queue_id)
+            )
+        except ClaimError as exc:
             # A read-only or broken spool: the entry stays where it is for a later scan.
-            log.error("queue_file_move_failed", queue_id=queue_id, reason=exc.strerror or str(exc))
+            log.error("queue_file_move_failed", queue_id=queue_id, reason=str(exc))
             return False
-        action = self.spool.pending_request(queue_id)
-        if action is not None:
-            self._honour(queue_id, action)
+        if isinstance(claimed, str):
+            self._honour(queue_id, claimed)
             return False
+        if not claimed:
+            return False  # held, deleted or taken by someone else since it was queued
         item.envelope.state = "active"
         return True
 

@@ -42,10 +42,10 @@ ACTIVE_LIMIT = 10_000
 # Fresh messages waiting with their envelope (and small ones with their bytes); past it a fresh
 # message waits as its queue ID and is read back from the spool when its turn comes.  A backlog
 # (an upstream that is down) then costs about 150 bytes per waiting message, not 1-6 KB.
-FRESH_LIMIT = 1_000
+FRESH_LIMIT = 200
 # Bytes of small fresh messages kept in memory for their first attempt; past it they are read
 # back from the spool.
-PAYLOAD_BUDGET = 4 * 1024 * 1024
+PAYLOAD_BUDGET = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

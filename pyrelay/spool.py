@@ -442,19 +442,26 @@ class Spool:
                 entry.preload = data
         return entry
 
-    def take(self, src: str, queue_id: str, *, preload: int = 0) -> OpenEntry | str | None:
-        """Claim an entry and open it: one thread job per delivery (blocking).  None when it is
-        no longer in ``src``; the action when an operator request is pending (the entry is then
-        in ``active/``, for ``honour_request``).  ``ClaimError`` when the rename failed (the
-        entry stays in ``src``); otherwise as ``open_entry``."""
+    def claim_checked(self, src: str, queue_id: str) -> str | bool:
+        """Claim an entry and look for an operator request (blocking).  False when it is no
+        longer in ``src``; the action when a request is pending (the entry is then in
+        ``active/``, for ``honour_request``); True otherwise.  ``ClaimError`` when the rename
+        failed (the entry stays in ``src``)."""
         try:
             if not self.claim(queue_id, src):
-                return None
+                return False
         except OSError as exc:
             raise ClaimError(exc.strerror or str(exc)) from exc
         action = self.pending_request(queue_id)
-        if action is not None:
-            return action
+        return True if action is None else action
+
+    def take(self, src: str, queue_id: str, *, preload: int = 0) -> OpenEntry | str | None:
+        """``claim_checked`` and ``open_entry`` in one thread job per delivery (blocking): None
+        when the entry is no longer in ``src``, the action of a pending request, or the open
+        entry."""
+        claimed = self.claim_checked(src, queue_id)
+        if claimed is not True:
+            return claimed or None
         return self.open_entry("active", queue_id, preload=preload)
 
     def read_envelope(self, state: str, queue_id: str) -> Envelope:
