@@ -271,7 +271,9 @@ class DeliveryAgents:
             await self._record(env, head, attempt)
         finally:
             if entry is not None:
-                self.reaper.close(entry.fd)  # after its unlink, if any: see pyrelay.reaper
+                # Before its unlink as a rule (then the unlink in the reaper's thread frees the
+                # inode); the descriptor is closed at once, whatever the reaper's backlog.
+                entry.close()
 
     async def _claim_fresh(self, item: FreshMessage) -> bool:
         """Claim a message that is in memory; in a thread: a rename is journal work (it was 7 %

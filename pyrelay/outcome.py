@@ -196,8 +196,9 @@ class OutcomeRecorder:
     async def _finished(self, env: Envelope, *, why: str = "") -> None:
         """The entry leaves the queue: unlinked by the reaper, off the loop and in a batch
         (``removed`` is logged then).  Until then it is in ``active/``, where a restart finds it
-        (the documented at-least-once window)."""
+        (the documented at-least-once window): when too many wait for that, this waits."""
         self.reaper.remove(env.queue_id, why)
+        await self.reaper.room()
 
     def bounce_sender(self) -> str:
         """``PYRELAY_BOUNCE_FROM`` (MAILER-DAEMON@<hostname>), through MASQUERADED_DOMAINS like

@@ -1,6 +1,6 @@
 """Removing finished queue entries off the event loop, in batches.
 
-Unlinking a queue file and its status file (and the ``close`` that frees the inode) is journal
+Unlinking a queue file and its status file (which frees the inode) is journal
 work for the file system: tens of microseconds each.  Done on the event loop after every
 delivery it was a third of the loop's time while a queue drained (py-spy, 20 000 entries), time
 in which no client was served and no reply read.  The reaper collects the entries finished while
@@ -9,15 +9,14 @@ for many entries.
 
 A crash before an entry's batch runs leaves it in ``active/``; it is retried at the next start.
 That is the at-least-once window Postfix has between the upstream's ``250`` and the unlink,
-longer by the time a batch waits (milliseconds).  Every descriptor of a delivered entry is
-closed in the batch too, after its unlink, so that freeing the inode happens in the thread.
+longer by the time a batch waits.  That wait is bounded: past ``BACKLOG`` entries waiting for
+their unlink, the agents that finish wait for room (backpressure), so that neither the
+re-delivery window after a crash nor the memory grows when the disk is slower than the upstream.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +27,8 @@ log = get_logger("pyrelay.reaper")
 
 # Retry of an unlink the spool refused (read-only, I/O error): from this delay, doubling.
 FIRST_RETRY = 0.5
+# Entries waiting for their unlink before ``room()`` makes finishing deliveries wait.
+BACKLOG = 256
 
 
 @dataclass(slots=True)
@@ -45,44 +46,48 @@ class Reaper:
         self.max_wait = max_wait
         self.closing = False
         self._removals: list[_Removal] = []
-        self._fds: list[int] = []
         self._batch: asyncio.Future[list[tuple[_Removal, OSError | None]]] | None = None
+        self._in_batch = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._room = asyncio.Event()
+        self._room.set()
 
     def remove(self, queue_id: str, why: str = "") -> None:
         """Unlink a delivered (or dropped) entry in ``active/`` soon; logs ``removed``."""
         self._removals.append(_Removal(queue_id, why))
+        if self.backlog >= BACKLOG:
+            self._room.clear()
         self._kick()
 
-    def close(self, fd: int) -> None:
-        """Close the descriptor of an entry whose attempt has ended (after any unlink queued
-        before it)."""
-        self._fds.append(fd)
-        self._kick()
+    @property
+    def backlog(self) -> int:
+        return len(self._removals) + self._in_batch
+
+    async def room(self) -> None:
+        """Until fewer than ``BACKLOG`` entries wait for their unlink."""
+        await self._room.wait()
 
     async def wait(self) -> None:
         """Until everything handed over so far is done (shutdown)."""
-        while self._batch is not None or self._removals or self._fds:
+        while self._batch is not None or self._removals:
             self._kick()
             await self._idle.wait()
 
     # -- batches -----------------------------------------------------------------------------
 
     def _kick(self) -> None:
-        if self._batch is not None or not (self._removals or self._fds):
+        if self._batch is not None or not self._removals:
             return
         removals, self._removals = self._removals, []
-        fds, self._fds = self._fds, []
+        self._in_batch = len(removals)
         loop = asyncio.get_running_loop()
         self._idle.clear()
-        self._batch = loop.run_in_executor(self.spool.executor, self._run, removals, fds)
+        self._batch = loop.run_in_executor(self.spool.executor, self._run, removals)
         self._batch.add_done_callback(self._done)
 
-    def _run(
-        self, removals: list[_Removal], fds: list[int]
-    ) -> list[tuple[_Removal, OSError | None]]:
-        """In a spool thread: the unlinks, then the closes."""
+    def _run(self, removals: list[_Removal]) -> list[tuple[_Removal, OSError | None]]:
+        """In a spool thread: the unlinks."""
         results: list[tuple[_Removal, OSError | None]] = []
         for item in removals:
             try:
@@ -92,13 +97,11 @@ class Reaper:
                 results.append((item, None))  # already gone (an operator delete)
             except OSError as exc:
                 results.append((item, exc))
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
         return results
 
     def _done(self, batch: asyncio.Future[list[tuple[_Removal, OSError | None]]]) -> None:
         self._batch = None
+        self._in_batch = 0
         try:
             results = batch.result()
         except BaseException as exc:  # noqa: BLE001 - the executor is gone (shutdown)
@@ -111,7 +114,9 @@ class Reaper:
                 )
             else:
                 self._retry(item, error)
-        if self._removals or self._fds:
+        if self.backlog < BACKLOG:
+            self._room.set()
+        if self._removals:
             self._kick()
         else:
             self._idle.set()
