@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 from collections.abc import Coroutine, Iterator
@@ -349,8 +350,18 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
+def limit_malloc_arenas() -> None:
+    """glibc gives every thread that allocates its own malloc arena (up to eight per core) and
+    seldom returns what is freed in one: after an outage of 100 000 queued messages the spool
+    threads' arenas held 7 MB (``/proc/PID/smaps``).  Two arenas are plenty for threads that
+    mostly wait on the disk; the setting is inherited by forked workers."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX
+
+
 def run(settings: Settings) -> None:
     """Run the relay in the foreground until SIGTERM/SIGINT."""
+    limit_malloc_arenas()
     prefork = _prefork(settings) if settings.workers > 1 else None
     try:
         _run_loop(Relay(settings, prefork=prefork).serve())
@@ -369,4 +380,5 @@ def _stop_children(pids: dict[int, int]) -> None:
 
 def serve_worker(settings: Settings, worker: int) -> None:
     """Entry point of a secondary worker process (forked, or ``pyrelay worker N``)."""
+    limit_malloc_arenas()
     _run_loop(Relay(settings, worker=worker).serve())
