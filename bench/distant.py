@@ -86,6 +86,7 @@ from tls_cost import (
     guarded,
     need_postfix,
     parse_configs,
+    run_failed,
     say,
     sbin,
     signals_held,
@@ -286,9 +287,7 @@ def run_one(
             say(f"  relay {alive}; log tail:\n{tail}")
         return row
     except Exception as exc:  # one failed run must not lose the others
-        say(f"{tag} run={rep}/{args.repeats} FAILED: {type(exc).__name__}: {exc}")
-        if relay is not None:
-            say(relay.diagnostics())
+        run_failed(f"{tag} run={rep}/{args.repeats}", exc, relay)
         return None
     finally:
         if sampler is not None:

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 from benchlib import RCPT, SENDER, free_port
-from tls_cost import LIVE, Postfix, PyRelay, interrupted, say
+from tls_cost import LIVE, Postfix, PyRelay, interrupted, run_cleanup, run_failed, say
 
 STAGES = ("data_to_250", "250_to_upstream_mail", "upstream_transaction", "data_to_upstream")
 
@@ -281,16 +281,10 @@ def run_one(
         )
         return stages
     except Exception as exc:  # one failed run must not lose the others
-        say(f"relay={relay_name} clients={count} FAILED: {type(exc).__name__}: {exc}")
-        if relay is not None:
-            say(relay.diagnostics())
+        run_failed(f"relay={relay_name} clients={count}", exc, relay)
         return None
     finally:
-        if relay is not None:
-            relay.stop()
-        if upstream is not None:
-            upstream.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        run_cleanup(run_dir, relay, upstream)
 
 
 def main() -> int:

@@ -627,16 +627,25 @@ def run_one(
             )
         return row
     except Exception as exc:  # one failed run must not lose the others
-        say(f"run={rep}/{args.repeats} {tag} FAILED: {type(exc).__name__}: {exc}")
-        if relay is not None:
-            say(relay.diagnostics())
+        run_failed(f"run={rep}/{args.repeats} {tag}", exc, relay)
         return None
     finally:
-        if relay is not None:
-            relay.stop()
-        if sink is not None:
-            sink.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        run_cleanup(run_dir, relay, sink)
+
+
+def run_failed(tag: str, exc: Exception, relay: PyRelay | Postfix | None) -> None:
+    """Say why a run failed, with the relay's log tail (the other runs go on)."""
+    say(f"{tag} FAILED: {type(exc).__name__}: {exc}")
+    if relay is not None:
+        say(relay.diagnostics())
+
+
+def run_cleanup(run_dir: Path, *things: Stoppable | None) -> None:
+    """Stop what a run started, in order, and remove its directory."""
+    for thing in things:
+        if thing is not None:
+            thing.stop()
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 # -- summary -----------------------------------------------------------------------------------
