@@ -114,6 +114,8 @@ def test_disk_full_gets_452_loses_nothing_and_recovers(tmp_path: Path, sink: Sin
             filler = fill(fs)
             full = [send_one(port, f"full-{i}", size=size) for i, size in enumerate((10, 5000))]
             assert [(r.code, r.text) for r in full] == [FULL, FULL]
+            # Log lines trail the replies (written at the end of the relay's loop pass).
+            wait_for(lambda: len(relay.named("queue_write_failed")) >= 2, 5, "both logged")
             failed = relay.named("queue_write_failed")
             assert len(failed) == 2 and all(e["reply"].startswith("452 4.3.1") for e in failed)
             # Retries while full cannot rewrite their entries; the entries must stay.
@@ -187,6 +189,7 @@ def test_spool_turning_read_only_gets_451_and_no_repeat_deliveries(
             try:
                 res = send_one(port, "ro-0")
                 assert (res.code, res.text) == WRITE_ERROR
+                wait_for(lambda: bool(relay.named("queue_write_failed")), 5, "logged")
                 assert relay.named("queue_write_failed")[-1]["reply"].startswith("451 4.3.0")
                 # The upstream now accepts, but a retry cannot even claim its entry (a rename
                 # into active/): nothing may be sent, let alone sent again every retry.
