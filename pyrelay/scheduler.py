@@ -139,9 +139,7 @@ class Scheduler:
             self._overflow = True
             return
         if waiting >= FRESH_LIMIT:
-            self._queued.add(env.queue_id)
-            self._not_deferred += 1
-            self.queue.put_nowait(DueEntry(env.queue_id, "incoming"))
+            self._enqueue([env.queue_id], "incoming")
             return
         if payload is not None:
             if self._payload + len(payload) > PAYLOAD_BUDGET:
