@@ -278,39 +278,19 @@ class DeliveryAgents:
     async def _claim_fresh(self, item: FreshMessage) -> bool:
         """Claim a message that is in memory; in a thread: a rename is journal work (it was 7 %
         of the event loop's time at 10 clients)."""
-        queue_id = item.queue_id
-        try:
-            claimed = await self.spool.run(
-                functools.partial(self.spool.claim_checked, item.state, queue_id)
-            )
-        except ClaimError as exc:
-            # A read-only or broken spool: the entry stays where it is for a later scan.
-            log.error("queue_file_move_failed", queue_id=queue_id, reason=str(exc))
+        job = functools.partial(self.spool.claim_checked, item.state, item.queue_id)
+        if not await self._claim(item.queue_id, job):
             return False
-        if isinstance(claimed, str):
-            self._honour(queue_id, claimed)
-            return False
-        if not claimed:
-            return False  # held, deleted or taken by someone else since it was queued
         item.envelope.state = "active"
         return True
-
-    def _honour(self, queue_id: str, action: str) -> None:
-        self.spool.honour_request(queue_id, action)
-        log.info("operator_request", queue_id=queue_id, action=action)
 
     async def _take(self, item: WorkItem) -> OpenEntry | None:
         """Claim and open a queued entry in one thread job (a small message is read with its
         envelope); None when there is nothing to deliver."""
         queue_id = item.queue_id
+        job = functools.partial(self.spool.take, item.state, queue_id, preload=SpoolBody.CHUNK)
         try:
-            result = await self.spool.run(
-                functools.partial(self.spool.take, item.state, queue_id, preload=SpoolBody.CHUNK)
-            )
-        except ClaimError as exc:
-            # A read-only or broken spool: the entry stays where it is for a later scan.
-            log.error("queue_file_move_failed", queue_id=queue_id, reason=str(exc))
-            return None
+            result = await self._claim(queue_id, job)
         except CorruptEntry as exc:
             log.error("corrupt_queue_file", queue_id=queue_id, reason=str(exc))
             self.spool.quarantine("active", queue_id)
@@ -322,11 +302,24 @@ class DeliveryAgents:
             log.error("unreadable_queue_file", queue_id=queue_id, reason=exc.strerror or str(exc))
             self.spool.move(queue_id, "active", "deferred")
             return None
-        if isinstance(result, str):
-            self._honour(queue_id, result)
-            return None
         assert result is None or isinstance(result, OpenEntry)
         return result
+
+    async def _claim(self, queue_id: str, job: Callable[[], object]) -> object:
+        """Run a claim job (``Spool.claim_checked`` or ``Spool.take``) in a spool thread.  None
+        (nothing to deliver) when the entry stays where it is (a read-only or broken spool: a
+        later scan finds it), is gone (held, deleted or taken by someone else since it was
+        queued), or had an operator request, which is honoured here."""
+        try:
+            result = await self.spool.run(job)
+        except ClaimError as exc:
+            log.error("queue_file_move_failed", queue_id=queue_id, reason=str(exc))
+            return None
+        if isinstance(result, str):
+            self.spool.honour_request(queue_id, result)
+            log.info("operator_request", queue_id=queue_id, action=result)
+            return None
+        return result or None
 
     async def _record(
         self,
