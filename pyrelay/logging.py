@@ -82,9 +82,12 @@ class CoalescedStream:
                 self.stream.write(text)
                 self.stream.flush()
             return len(text)
-        self._lines.append(text)
-        if not self._scheduled:
-            self._scheduled = True
+        # Under the lock too: a write from another thread drains the buffer, and a line
+        # appended between its join and its clear would be lost.
+        with self._lock:
+            self._lines.append(text)
+            schedule, self._scheduled = not self._scheduled, True
+        if schedule:
             loop.call_soon(self.drain)
         return len(text)
 

@@ -179,3 +179,22 @@ async def test_a_line_from_another_thread_follows_the_buffered_ones() -> None:
     await asyncio.to_thread(lambda: print("second", file=stream, flush=True))
     await asyncio.sleep(0)
     assert out.getvalue() == "first\nsecond\n"
+
+
+async def test_no_line_is_lost_when_other_threads_write_at_the_same_time() -> None:
+    out = io.StringIO()
+    stream = CoalescedStream(out)
+
+    def other(n: int) -> None:
+        for i in range(2000):
+            stream.write(f"thread {n} {i}\n")
+
+    writers = [asyncio.to_thread(other, n) for n in range(3)]
+    pending = asyncio.gather(*writers)
+    for i in range(6000):
+        stream.write(f"loop {i}\n")
+        if i % 100 == 0:
+            await asyncio.sleep(0)
+    await pending
+    await asyncio.sleep(0)
+    assert len(out.getvalue().splitlines()) == 6000 + 3 * 2000
