@@ -58,6 +58,18 @@ def ready_port(proc: subprocess.Popen[bytes], what: str, timeout: float = 15.0) 
     return int(line.split()[1])
 
 
+def wait_accepting(
+    port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 10.0
+) -> None:
+    """Until ``proc`` accepts TCP connections on ``port``; ``RuntimeError`` if it exits first or
+    ``timeout`` seconds pass (the caller stops it)."""
+    deadline = time.monotonic() + timeout
+    while not accepts(port):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.02)
+
+
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
     """SIGTERM ``proc``, SIGKILL it if it is still there after ``grace`` seconds; reaped."""
     if proc.poll() is None:
@@ -250,12 +262,11 @@ class Sink:
                 cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
             self.port = port
-            deadline = time.monotonic() + 10
-            while not accepts(port):
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError("smtp-sink did not start")
-                time.sleep(0.02)
+            try:
+                wait_accepting(port, self.proc, "smtp-sink")
+            except RuntimeError:
+                self.stop()
+                raise
             return
         self.kind = "bench/sink.py"
         self.proc = subprocess.Popen(

@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import RCPT, SENDER, free_port
+from benchlib import RCPT, SENDER, free_port, ready_port, stop_process
 from tls_cost import LIVE, Postfix, PyRelay, interrupted, run_cleanup, run_failed, say
 
 STAGES = ("data_to_250", "250_to_upstream_mail", "upstream_transaction", "data_to_upstream")
@@ -103,7 +103,7 @@ async def upstream_main(port: int, records: Path) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print("READY", flush=True)
+    print(f"READY {port}", flush=True)
     last = -1
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
@@ -125,10 +125,11 @@ class Upstream:
             stdin=subprocess.DEVNULL,
         )
         LIVE.append(self)
-        assert self.proc.stdout is not None
-        if self.proc.stdout.readline().strip() != b"READY":
+        try:
+            ready_port(self.proc, "the latency upstream")
+        except RuntimeError:
             self.stop()
-            raise RuntimeError("the upstream did not start")
+            raise
 
     def received(self) -> int:
         try:
@@ -141,13 +142,7 @@ class Upstream:
         return {seq: (mail, end) for seq, mail, end in json.loads(self.records.read_text())}
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, grace=10)  # it writes its records on the way out
         with contextlib.suppress(ValueError):
             LIVE.remove(self)
 

@@ -70,6 +70,7 @@ from benchlib import (
     relay_env,
     stop_process,
     tree_pids,
+    wait_accepting,
 )
 
 CONFIGS = ("pyrelay-plain", "pyrelay-tls", "postfix-plain", "postfix-tls")
@@ -274,12 +275,11 @@ class SmtpSink:
         finally:
             os.close(slave)
         self._reader.start()
-        deadline = time.monotonic() + 10
-        while not accepts(port):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError("smtp-sink did not start")
-            time.sleep(0.02)
+        try:
+            wait_accepting(port, self.proc, "smtp-sink")
+        except RuntimeError:
+            self.stop()
+            raise
 
     def _read(self) -> None:
         tail = b""
