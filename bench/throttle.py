@@ -22,7 +22,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP
 
 from pyrelay.app import Relay
-from pyrelay.config import Settings
+from pyrelay.config import load_settings
 from pyrelay.logging import configure_logging
 
 
@@ -63,7 +63,7 @@ async def main(messages: int, rate: float, limit: int) -> None:
         f'[[route]]\nsenders = ["example.org"]\nrelayhost = "[127.0.0.1]:{port}"\n'
         f'tls_level = "none"\nrate = "{rate:g}/s"\n'
     )
-    settings = Settings(  # type: ignore[call-arg]
+    settings = load_settings(
         _env_file=None,
         relayhost=f"[127.0.0.1]:{port}",
         tls_level="none",

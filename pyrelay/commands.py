@@ -17,10 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices
-
 from pyrelay.cmdutil import Subparsers, add_command, add_json_flag, error, print_json
-from pyrelay.config import HostPort, ListenAddress, Settings, load_settings
+from pyrelay.config import ENV_NAMES, HostPort, ListenAddress, Settings, load_settings
 from pyrelay.constants import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 _QUEUED_AS = re.compile(r"queued as (\S+)")
@@ -194,11 +192,8 @@ def _routes(settings: Settings) -> list[dict[str, str]]:
 def _canonical_names() -> dict[str, str]:
     """Every accepted variable name (lowercased) -> the name ``Settings.dump`` uses."""
     out: dict[str, str] = {}
-    for field in Settings.model_fields.values():
-        alias = field.validation_alias
-        if isinstance(alias, AliasChoices):
-            first = str(alias.choices[0])
-            out.update((str(choice).lower(), first) for choice in alias.choices)
+    for variables in ENV_NAMES.values():
+        out.update((variable.lower(), variables[0]) for variable in variables)
     return out
 
 
@@ -221,11 +216,8 @@ _HINTS = {
 def cmd_check_upstream(args: argparse.Namespace) -> int:
     import asyncio
 
-    settings = load_settings().model_copy(
-        update={
-            "upstream_connect_timeout": args.timeout,
-            "upstream_command_timeout": args.timeout,
-        }
+    settings = load_settings().replace(
+        upstream_connect_timeout=args.timeout, upstream_command_timeout=args.timeout
     )
     if getattr(args, "all", False):
         return _check_all(settings, args)

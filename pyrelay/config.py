@@ -1,5 +1,8 @@
 """Settings from the environment (and a ``.env`` file only when ``PYRELAY_ENV_FILE`` names one).
 
+A small declarative loader rather than pydantic-settings: that library and pydantic cost every
+relay process about 14 MB of memory at rest, for what is a table of parsers (issue 10).
+
 Names from the Postfix container (boky/postfix) keep their names; pyrelay's own settings use the
 ``PYRELAY_`` prefix.  Building ``Settings`` parses and validates, and does the little I/O that
 needs: it reads the ``.env`` file and the ``*_FILE`` secrets, and resolves the system host name
@@ -13,22 +16,15 @@ import ipaddress
 import os
 import re
 import socket
-from enum import StrEnum
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple
-
-from pydantic import (
-    AliasChoices,
-    Field,
-    SecretStr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+from typing import Any, NamedTuple, TypeVar
 
 from pyrelay.domains import DomainError, to_ascii
 from pyrelay.errors import ConfigError
+from pyrelay.secret import SecretStr
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -222,498 +218,392 @@ def _truthy(value: object) -> bool:
     raise ValueError(f"expected a boolean (1/0, true/false, yes/no), got {value!r}")
 
 
-ListSetting = Annotated[tuple[str, ...], NoDecode]
+# ----------------------------------------------------------------------------- value parsers
+# Each takes the raw value (a string from the environment or the .env file, or a Python value
+# given to load_settings) and returns the typed value or raises ValueError with the reason; the
+# loader puts the variable's name in front.
+
+E = TypeVar("E", bound=Enum)
 
 
-class Settings(BaseSettings):
-    """The effective configuration.  Field aliases are the environment variable names."""
+def _text(value: object) -> str:
+    return str(value)
 
-    model_config = SettingsConfigDict(
-        # Never a .env from the working directory (in the image that is the spool volume):
-        # load_settings passes PYRELAY_ENV_FILE when it is set.
-        env_file=None,
-        env_file_encoding="utf-8",
-        # VAR= means unset (compose files often write empty values), not an empty value.
-        env_ignore_empty=True,
-        extra="ignore",
-        populate_by_name=True,
-        case_sensitive=False,
-        frozen=True,
-    )
 
-    # Required, except with PYRELAY_DELIVERY=mx (checked in _cross_checks); unset is an
-    # empty host.
-    relayhost: Annotated[HostPort, NoDecode] = Field(
-        default=HostPort("", 0), validation_alias=AliasChoices("RELAYHOST", "relayhost")
-    )
-    relayhost_username: SecretStr = Field(
-        default=SecretStr(""), validation_alias=AliasChoices("RELAYHOST_USERNAME")
-    )
-    relayhost_password: SecretStr = Field(
-        default=SecretStr(""), validation_alias=AliasChoices("RELAYHOST_PASSWORD")
-    )
-    relayhost_username_file: Path | None = Field(
-        default=None, validation_alias=AliasChoices("RELAYHOST_USERNAME_FILE")
-    )
-    relayhost_password_file: Path | None = Field(
-        default=None, validation_alias=AliasChoices("RELAYHOST_PASSWORD_FILE")
-    )
-    # Routing (pyrelay.routes, pyrelay.mx): the default route's fallback relay (its
-    # credentials default to RELAYHOST's), a routes file per sender domain, direct MX delivery.
-    relayhost_fallback: Annotated[HostPort | None, NoDecode] = Field(
-        default=None, validation_alias=AliasChoices("RELAYHOST_FALLBACK")
-    )
-    relayhost_fallback_username: SecretStr = Field(
-        default=SecretStr(""), validation_alias=AliasChoices("RELAYHOST_FALLBACK_USERNAME")
-    )
-    relayhost_fallback_password: SecretStr = Field(
-        default=SecretStr(""), validation_alias=AliasChoices("RELAYHOST_FALLBACK_PASSWORD")
-    )
-    relayhost_fallback_username_file: Path | None = Field(
-        default=None, validation_alias=AliasChoices("RELAYHOST_FALLBACK_USERNAME_FILE")
-    )
-    relayhost_fallback_password_file: Path | None = Field(
-        default=None, validation_alias=AliasChoices("RELAYHOST_FALLBACK_PASSWORD_FILE")
-    )
-    routes_file: Path | None = Field(
-        default=None, validation_alias=AliasChoices("PYRELAY_ROUTES_FILE")
-    )
-    delivery: DeliveryMode = Field(
-        default=DeliveryMode.RELAY, validation_alias=AliasChoices("PYRELAY_DELIVERY")
-    )
-    dns_servers: Annotated[tuple[HostPort, ...], NoDecode] = Field(
-        default=(), validation_alias=AliasChoices("PYRELAY_DNS_SERVERS")
-    )
-    mx_port: int = Field(
-        default=25, ge=1, le=65535, validation_alias=AliasChoices("PYRELAY_MX_PORT")
-    )
-    tls_level: TLSLevel = Field(
-        default=TLSLevel.SECURE,
-        validation_alias=AliasChoices("RELAYHOST_TLS_LEVEL", "POSTFIX_smtp_tls_security_level"),
-    )
-    tls_ca_file: Path | None = Field(
-        default=None, validation_alias=AliasChoices("RELAYHOST_TLS_CA_FILE")
-    )
+def _secret(value: object) -> SecretStr:
+    return value if isinstance(value, SecretStr) else SecretStr(str(value))
 
-    allowed_sender_domains: ListSetting = Field(
-        default=(), validation_alias=AliasChoices("ALLOWED_SENDER_DOMAINS")
-    )
-    allow_empty_sender_domains: bool = Field(
-        default=False, validation_alias=AliasChoices("ALLOW_EMPTY_SENDER_DOMAINS")
-    )
-    allow_null_sender: bool = Field(
-        default=False, validation_alias=AliasChoices("PYRELAY_ALLOW_NULL_SENDER")
-    )
-    masquerade_domains: ListSetting = Field(
-        default=(),
-        validation_alias=AliasChoices(
-            "MASQUERADED_DOMAINS", "MASQUERADE_DOMAINS", "POSTFIX_masquerade_domains"
-        ),
-    )
-    mynetworks: Annotated[tuple[IPNetwork, ...], NoDecode] = Field(
-        default=DEFAULT_MYNETWORKS,  # type: ignore[arg-type]
-        validation_alias=AliasChoices("MYNETWORKS", "POSTFIX_mynetworks"),
-    )
-    message_size_limit: int = Field(
-        default=10_240_000,
-        ge=0,
-        validation_alias=AliasChoices("MESSAGE_SIZE_LIMIT", "POSTFIX_message_size_limit"),
-    )
 
-    listen: Annotated[tuple[ListenAddress, ...], NoDecode] = Field(
-        default="0.0.0.0:25 0.0.0.0:587",  # type: ignore[arg-type]
-        validation_alias=AliasChoices("PYRELAY_LISTEN"),
-    )
-    # The listener's TLS and AUTH (Postfix smtpd_tls_*, smtpd_sasl_*; boky's SMTPD_SASL_USERS).
-    # None until resolved: `may` with a certificate, otherwise `none`.
-    smtpd_tls_level: SmtpdTLSLevel | None = Field(
-        default=None,
-        validation_alias=AliasChoices(
-            "PYRELAY_SMTPD_TLS_LEVEL", "POSTFIX_smtpd_tls_security_level"
-        ),
-    )
-    tls_cert_file: Path | None = Field(
-        default=None,
-        validation_alias=AliasChoices("PYRELAY_TLS_CERT_FILE", "POSTFIX_smtpd_tls_cert_file"),
-    )
-    tls_key_file: Path | None = Field(
-        default=None,
-        validation_alias=AliasChoices("PYRELAY_TLS_KEY_FILE", "POSTFIX_smtpd_tls_key_file"),
-    )
-    smtpd_sasl_users: SecretStr = Field(
-        default=SecretStr(""), validation_alias=AliasChoices("SMTPD_SASL_USERS")
-    )
-    smtpd_sasl_users_file: Path | None = Field(
-        default=None, validation_alias=AliasChoices("SMTPD_SASL_USERS_FILE")
-    )
-    smtpd_users_file: Path | None = Field(
-        default=None, validation_alias=AliasChoices("PYRELAY_SMTPD_USERS_FILE")
-    )
-    spool_dir: Path = Field(
-        default=Path("/var/spool/pyrelay"), validation_alias=AliasChoices("PYRELAY_SPOOL_DIR")
-    )
-    hostname: str = Field(
-        default="", validation_alias=AliasChoices("PYRELAY_HOSTNAME", "POSTFIX_myhostname")
-    )
-    workers: int = Field(  # type: ignore[assignment]
-        default="auto",
-        ge=1,
-        le=16,
-        validation_alias=AliasChoices("PYRELAY_WORKERS"),
-    )
-    concurrency: int = Field(
-        default=20, ge=1, le=1000, validation_alias=AliasChoices("PYRELAY_CONCURRENCY")
-    )
-    min_backoff: float = Field(default=300.0, validation_alias=AliasChoices("PYRELAY_MIN_BACKOFF"))
-    max_backoff: float = Field(default=4000.0, validation_alias=AliasChoices("PYRELAY_MAX_BACKOFF"))
-    queue_lifetime: float = Field(
-        default=5 * 86400.0, validation_alias=AliasChoices("PYRELAY_QUEUE_LIFETIME")
-    )
-    log_format: LogFormat = Field(
-        default=LogFormat.CONSOLE, validation_alias=AliasChoices("PYRELAY_LOG_FORMAT")
-    )
-    log_level: str = Field(default="info", validation_alias=AliasChoices("PYRELAY_LOG_LEVEL"))
-    # /metrics, /healthz, /readyz (pyrelay.http); PYRELAY_METRICS_LISTEN is the older name.
-    metrics_listen: Annotated[HostPort | None, NoDecode] = Field(
-        default=None, validation_alias=AliasChoices("PYRELAY_HTTP_LISTEN", "PYRELAY_METRICS_LISTEN")
-    )
-    # Where a drain that timed out hands the rest of the queue (pyrelay.handoff); a peer relay.
-    handoff_to: Annotated[HostPort | None, NoDecode] = Field(
-        default=None, validation_alias=AliasChoices("PYRELAY_HANDOFF_TO")
-    )
-    # How long a drain reports "not ready" before it closes the listener.
-    drain_grace: float = Field(default=5.0, validation_alias=AliasChoices("PYRELAY_DRAIN_GRACE"))
-    # The header From: of bounces; empty means MAILER-DAEMON@<hostname>.
-    bounce_from: str = Field(default="", validation_alias=AliasChoices("PYRELAY_BOUNCE_FROM"))
-    # DKIM signing (pyrelay.dkim), boky/postfix's names.
-    dkim_selector: str = Field(default="mail", validation_alias=AliasChoices("DKIM_SELECTOR"))
-    dkim_autogenerate: bool = Field(
-        default=False, validation_alias=AliasChoices("DKIM_AUTOGENERATE")
-    )
-    dkim_key_dir: Path | None = Field(
-        default=None, validation_alias=AliasChoices("PYRELAY_DKIM_KEY_DIR")
-    )
+def _path(value: object) -> Path:
+    return value if isinstance(value, Path) else Path(str(value))
 
-    # XOAUTH2 upstream authentication (pyrelay.xoauth2), boky/postfix's names; the mailbox is
-    # RELAYHOST_USERNAME.
-    xoauth2_client_id: SecretStr = Field(
-        default=SecretStr(""), validation_alias=AliasChoices("XOAUTH2_CLIENT_ID")
-    )
-    xoauth2_secret: SecretStr = Field(
-        default=SecretStr(""), validation_alias=AliasChoices("XOAUTH2_SECRET")
-    )
-    xoauth2_initial_access_token: SecretStr = Field(
-        default=SecretStr(""), validation_alias=AliasChoices("XOAUTH2_INITIAL_ACCESS_TOKEN")
-    )
-    xoauth2_initial_refresh_token: SecretStr = Field(
-        default=SecretStr(""), validation_alias=AliasChoices("XOAUTH2_INITIAL_REFRESH_TOKEN")
-    )
-    xoauth2_token_endpoint: str = Field(
-        default="", validation_alias=AliasChoices("XOAUTH2_TOKEN_ENDPOINT")
-    )
-    xoauth2_client_id_file: Path | None = Field(
-        default=None, validation_alias=AliasChoices("XOAUTH2_CLIENT_ID_FILE")
-    )
-    xoauth2_secret_file: Path | None = Field(
-        default=None, validation_alias=AliasChoices("XOAUTH2_SECRET_FILE")
-    )
-    xoauth2_initial_access_token_file: Path | None = Field(
-        default=None, validation_alias=AliasChoices("XOAUTH2_INITIAL_ACCESS_TOKEN_FILE")
-    )
-    xoauth2_initial_refresh_token_file: Path | None = Field(
-        default=None, validation_alias=AliasChoices("XOAUTH2_INITIAL_REFRESH_TOKEN_FILE")
-    )
 
-    # Shown by `pyrelay config`; read by load_settings before the other values.
-    env_file: Path | None = Field(default=None, validation_alias=AliasChoices("PYRELAY_ENV_FILE"))
+def _int(low: int, high: int | None = None) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            text = str(value).strip()
+            if not re.fullmatch(r"[+-]?\d+", text):
+                raise ValueError(f"invalid number {text!r} (a whole number is expected)")
+            number = int(text)
+        if number < low:
+            raise ValueError(f"must be at least {low}, got {number}")
+        if high is not None and number > high:
+            raise ValueError(f"must be at most {high}, got {number}")
+        return number
 
-    # Limits on clients (Postfix smtpd_recipient_limit, smtpd_timeout, process limit).
-    max_recipients: int = Field(
-        default=1000, ge=1, validation_alias=AliasChoices("PYRELAY_MAX_RECIPIENTS")
-    )
-    max_connections: int = Field(
-        default=200, ge=1, validation_alias=AliasChoices("PYRELAY_MAX_CONNECTIONS")
-    )
-    max_commands: int = Field(
-        default=10000, ge=10, validation_alias=AliasChoices("PYRELAY_MAX_COMMANDS")
-    )
-    # Postfix smtpd_client_connection_count_limit (0 = unlimited) and smtpd_junk_command_limit.
-    max_connections_per_client: int = Field(
-        default=50,
-        ge=0,
-        validation_alias=AliasChoices(
-            "PYRELAY_MAX_CONNECTIONS_PER_CLIENT", "POSTFIX_smtpd_client_connection_count_limit"
-        ),
-    )
-    junk_command_limit: int = Field(
-        default=100,
-        ge=0,
-        validation_alias=AliasChoices(
-            "PYRELAY_JUNK_COMMAND_LIMIT", "POSTFIX_smtpd_junk_command_limit"
-        ),
-    )
-    command_timeout: float = Field(
-        default=300.0, validation_alias=AliasChoices("PYRELAY_COMMAND_TIMEOUT")
-    )
-    session_timeout: float = Field(
-        default=3600.0, validation_alias=AliasChoices("PYRELAY_SESSION_TIMEOUT")
-    )
-    shutdown_grace: float = Field(
-        default=10.0, validation_alias=AliasChoices("PYRELAY_SHUTDOWN_GRACE")
-    )
+    return parse
 
-    # Upstream client timeouts (Postfix smtp_connect_timeout, smtp_*_timeout).
-    upstream_connect_timeout: float = Field(
-        default=30.0, validation_alias=AliasChoices("PYRELAY_UPSTREAM_CONNECT_TIMEOUT")
-    )
-    upstream_command_timeout: float = Field(
-        default=300.0, validation_alias=AliasChoices("PYRELAY_UPSTREAM_COMMAND_TIMEOUT")
-    )
-    upstream_data_timeout: float = Field(
-        default=600.0, validation_alias=AliasChoices("PYRELAY_UPSTREAM_DATA_TIMEOUT")
-    )
-    upstream_idle_timeout: float = Field(
-        default=5.0, validation_alias=AliasChoices("PYRELAY_UPSTREAM_IDLE_TIMEOUT")
-    )
 
-    @field_validator("relayhost", mode="before")
-    @classmethod
-    def _relayhost(cls, value: object) -> HostPort:
+def _choice(kind: type[E]) -> Callable[[object], E]:
+    def parse(value: object) -> E:
+        if isinstance(value, kind):
+            return value
+        text = str(value).strip().lower()
+        try:
+            return kind(text)
+        except ValueError:
+            allowed = ", ".join(str(member.value) for member in kind)
+            raise ValueError(f"invalid value {text!r} (use one of {allowed})") from None
+
+    return parse
+
+
+def _host_port(variable: str, default_port: int) -> Callable[[object], HostPort]:
+    def parse(value: object) -> HostPort:
         if isinstance(value, HostPort):
             return value
         if isinstance(value, tuple):
             return HostPort(*value)
-        return parse_host_port(str(value), 25, what="RELAYHOST")
+        return parse_host_port(str(value), default_port, what=variable)
 
-    @field_validator("relayhost_fallback", mode="before")
-    @classmethod
-    def _fallback(cls, value: object) -> HostPort | None:
-        if value is None or isinstance(value, HostPort):
+    return parse
+
+
+def _optional_address(default_port: int, *, off: Iterable[str] = ()) -> Callable[[object], Any]:
+    """An optional ``host:port``; empty (or one of ``off``) means unset."""
+    words = frozenset(off)
+
+    def parse(value: object) -> HostPort | None:
+        if isinstance(value, HostPort):
             return value
-        if isinstance(value, tuple):
-            return HostPort(*value)
-        return parse_host_port(str(value), 25, what="RELAYHOST_FALLBACK")
+        text = str(value).strip()
+        if not text or text.lower() in words:
+            return None
+        return parse_host_port(text, default_port, what="address")
 
-    @field_validator("dns_servers", mode="before")
-    @classmethod
-    def _dns_servers(cls, value: object) -> tuple[HostPort, ...]:
-        return tuple(
-            item if isinstance(item, HostPort) else parse_host_port(item, 53, what="DNS server")
-            for item in split_list(value)
-        )
+    return parse
 
-    @field_validator("workers", mode="before")
-    @classmethod
-    def _workers(cls, value: object) -> object:
-        # auto: a second process pays off on a second core (see README, Performance); more do
-        # not on a relay whose upstream is one host, and each costs memory.
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            return min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+def _dns_servers(value: object) -> tuple[HostPort, ...]:
+    return tuple(
+        item if isinstance(item, HostPort) else parse_host_port(item, 53, what="DNS server")
+        for item in split_list(value)
+    )
+
+
+def _workers(value: object) -> int:
+    # auto: a second process pays off on a second core (see README, Performance); more do not
+    # on a relay whose upstream is one host, and each costs memory.
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    return _int(1, 16)(value)
+
+
+def _listen(value: object) -> tuple[ListenAddress, ...]:
+    items = split_list(value)
+    if not items:
+        raise ValueError("at least one host:port is required")
+    out = []
+    for item in items:
+        if isinstance(item, ListenAddress):
+            out.append(item)
+            continue
+        text = str(item)
+        tls = text.lower().startswith("tls://")
+        if tls:
+            text = text[len("tls://") :]
+        elif "://" in text:
+            raise ValueError(f"invalid address {text!r}: only tls:// may prefix an address")
+        host, port = parse_host_port(text, 465 if tls else 25, what="address", allow_zero=True)
+        out.append(ListenAddress(host, port, tls))
+    return tuple(out)
+
+
+def _domains(value: object) -> tuple[str, ...]:
+    return tuple(normalize_domain(d) for d in split_list(value))
+
+
+def _masquerade(value: object) -> tuple[str, ...]:
+    out = []
+    for entry in split_list(value):
+        bang = entry.startswith("!")
+        out.append(("!" if bang else "") + normalize_domain(entry.lstrip("!").lstrip(".")))
+    return tuple(out)
+
+
+def _mynetworks(value: object) -> tuple[IPNetwork, ...]:
+    if isinstance(value, tuple) and all(isinstance(v, IPNetwork) for v in value):
         return value
-
-    @field_validator("metrics_listen", mode="before")
-    @classmethod
-    def _metrics_listen(cls, value: object) -> HostPort | None:
-        if value is None or isinstance(value, HostPort):
-            return value
-        text = str(value).strip()
-        if text.lower() in ("", "off", "no", "0", "false"):
-            return None
-        return parse_host_port(text, 9025, what="address")
-
-    @field_validator("handoff_to", mode="before")
-    @classmethod
-    def _handoff_to(cls, value: object) -> HostPort | None:
-        if value is None or isinstance(value, HostPort):
-            return value
-        text = str(value).strip()
-        if not text:
-            return None
-        return parse_host_port(text, 25, what="address")
-
-    @field_validator("listen", mode="before")
-    @classmethod
-    def _listen(cls, value: object) -> tuple[ListenAddress, ...]:
-        items = split_list(value)
-        if not items:
-            raise ValueError("at least one host:port is required")
-        out = []
-        for item in items:
-            if isinstance(item, ListenAddress):
-                out.append(item)
-                continue
-            text = str(item)
-            tls = text.lower().startswith("tls://")
-            if tls:
-                text = text[len("tls://") :]
-            elif "://" in text:
-                raise ValueError(f"invalid address {text!r}: only tls:// may prefix an address")
-            host, port = parse_host_port(text, 465 if tls else 25, what="address", allow_zero=True)
-            out.append(ListenAddress(host, port, tls))
-        return tuple(out)
-
-    @field_validator("allowed_sender_domains", mode="before")
-    @classmethod
-    def _domains(cls, value: object) -> tuple[str, ...]:
-        return tuple(normalize_domain(d) for d in split_list(value))
-
-    @field_validator("masquerade_domains", mode="before")
-    @classmethod
-    def _masquerade(cls, value: object) -> tuple[str, ...]:
-        out = []
-        for entry in split_list(value):
-            bang = entry.startswith("!")
-            out.append(("!" if bang else "") + normalize_domain(entry.lstrip("!").lstrip(".")))
-        return tuple(out)
-
-    @field_validator("mynetworks", mode="before")
-    @classmethod
-    def _mynetworks(cls, value: object) -> tuple[IPNetwork, ...]:
-        nets = []
-        for item in split_list(value):
-            text = str(item).replace("[", "").replace("]", "")
-            try:
-                nets.append(ipaddress.ip_network(text, strict=False))
-            except ValueError:
-                raise ValueError(f"invalid network {item!r} (use CIDR like 10.0.0.0/8)") from None
-        return tuple(nets)
-
-    @field_validator("dkim_selector", mode="before")
-    @classmethod
-    def _dkim_selector(cls, value: object) -> str:
-        from pyrelay.dkim import DKIMError, Selectors
-
-        text = str(value or "").strip() or "mail"
+    nets = []
+    for item in split_list(value):
+        text = str(item).replace("[", "").replace("]", "")
         try:
-            Selectors.parse(text)
-        except DKIMError as exc:
-            raise ValueError(str(exc)) from None
-        return text
+            nets.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ValueError(f"invalid network {item!r} (use CIDR like 10.0.0.0/8)") from None
+    return tuple(nets)
 
-    @field_validator("xoauth2_token_endpoint", mode="before")
-    @classmethod
-    def _token_endpoint(cls, value: object) -> str:
-        text = str(value or "").strip()
-        if text and not re.match(r"https?://[^/\s]+", text):
-            raise ValueError(f"invalid URL {text!r} (use https://host/path)")
-        return text
 
-    @field_validator(
-        "allow_empty_sender_domains", "allow_null_sender", "dkim_autogenerate", mode="before"
+def _dkim_selector(value: object) -> str:
+    from pyrelay.dkim import DKIMError, Selectors
+
+    text = str(value or "").strip() or "mail"
+    try:
+        Selectors.parse(text)
+    except DKIMError as exc:
+        raise ValueError(str(exc)) from None
+    return text
+
+
+def _token_endpoint(value: object) -> str:
+    text = str(value or "").strip()
+    if text and not re.match(r"https?://[^/\s]+", text):
+        raise ValueError(f"invalid URL {text!r} (use https://host/path)")
+    return text
+
+
+def _log_level(value: object) -> str:
+    level = str(value).strip().lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ValueError("must be one of debug, info, warning, error")
+    return level
+
+
+def _hostname(value: object) -> str:
+    text = str(value or "").strip()
+    if not text:
+        return socket.getfqdn() or "localhost"
+    if not _HOSTNAME.match(text):
+        raise ValueError(f"invalid host name {text!r}")
+    return text
+
+
+def _bounce_from(value: object) -> str:
+    text = str(value or "").strip()
+    if not text:
+        return ""
+    local, at, domain = text.rpartition("@")
+    if not at or not local or any(c.isspace() or c in "<>()," for c in text):
+        raise ValueError(f"invalid address {text!r} (use local@domain)")
+    if not local.isascii() or any(ord(c) < 32 or ord(c) == 127 for c in local):
+        raise ValueError(f"invalid address {text!r} (ASCII local part only)")
+    normalize_domain(domain)
+    return text
+
+
+# ------------------------------------------------------------------------------ Settings
+
+
+def setting(*env: str, default: object, parse: Callable[[Any], object]) -> Any:
+    """A field of ``Settings``: the variables that set it (the first is its name in dumps and
+    errors; the others are accepted aliases, earlier ones winning), the value when none is set,
+    and the parser (run on the default too; ``None`` stays ``None``)."""
+    return field(metadata={"env": env, "default": default, "parse": parse})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """The effective configuration (built by ``load_settings``; ``replace`` derives a copy)."""
+
+    # Required, except with PYRELAY_DELIVERY=mx (checked in _cross_checks); unset is an
+    # empty host.
+    relayhost: HostPort = setting(
+        "RELAYHOST", default=HostPort("", 0), parse=_host_port("RELAYHOST", 25)
     )
-    @classmethod
-    def _bool(cls, value: object) -> bool:
-        return _truthy(value)
-
-    @field_validator(
-        "min_backoff",
-        "max_backoff",
-        "queue_lifetime",
-        "command_timeout",
-        "session_timeout",
-        "shutdown_grace",
-        "drain_grace",
-        "upstream_connect_timeout",
-        "upstream_command_timeout",
-        "upstream_data_timeout",
-        "upstream_idle_timeout",
-        mode="before",
+    relayhost_username: SecretStr = setting("RELAYHOST_USERNAME", default="", parse=_secret)
+    relayhost_password: SecretStr = setting("RELAYHOST_PASSWORD", default="", parse=_secret)
+    relayhost_username_file: Path | None = setting(
+        "RELAYHOST_USERNAME_FILE", default=None, parse=_path
     )
-    @classmethod
-    def _duration(cls, value: object) -> float:
-        return parse_duration(value)
+    relayhost_password_file: Path | None = setting(
+        "RELAYHOST_PASSWORD_FILE", default=None, parse=_path
+    )
+    # Routing (pyrelay.routes, pyrelay.mx): the default route's fallback relay (its
+    # credentials default to RELAYHOST's), a routes file per sender domain, direct MX delivery.
+    relayhost_fallback: HostPort | None = setting(
+        "RELAYHOST_FALLBACK", default=None, parse=_host_port("RELAYHOST_FALLBACK", 25)
+    )
+    relayhost_fallback_username: SecretStr = setting(
+        "RELAYHOST_FALLBACK_USERNAME", default="", parse=_secret
+    )
+    relayhost_fallback_password: SecretStr = setting(
+        "RELAYHOST_FALLBACK_PASSWORD", default="", parse=_secret
+    )
+    relayhost_fallback_username_file: Path | None = setting(
+        "RELAYHOST_FALLBACK_USERNAME_FILE", default=None, parse=_path
+    )
+    relayhost_fallback_password_file: Path | None = setting(
+        "RELAYHOST_FALLBACK_PASSWORD_FILE", default=None, parse=_path
+    )
+    routes_file: Path | None = setting("PYRELAY_ROUTES_FILE", default=None, parse=_path)
+    delivery: DeliveryMode = setting(
+        "PYRELAY_DELIVERY", default=DeliveryMode.RELAY, parse=_choice(DeliveryMode)
+    )
+    dns_servers: tuple[HostPort, ...] = setting(
+        "PYRELAY_DNS_SERVERS", default=(), parse=_dns_servers
+    )
+    mx_port: int = setting("PYRELAY_MX_PORT", default=25, parse=_int(1, 65535))
+    tls_level: TLSLevel = setting(
+        "RELAYHOST_TLS_LEVEL",
+        "POSTFIX_smtp_tls_security_level",
+        default=TLSLevel.SECURE,
+        parse=_choice(TLSLevel),
+    )
+    tls_ca_file: Path | None = setting("RELAYHOST_TLS_CA_FILE", default=None, parse=_path)
 
-    @field_validator("tls_level", "log_format", "smtpd_tls_level", "delivery", mode="before")
-    @classmethod
-    def _lower(cls, value: object) -> object:
-        return value.strip().lower() if isinstance(value, str) else value
+    allowed_sender_domains: tuple[str, ...] = setting(
+        "ALLOWED_SENDER_DOMAINS", default=(), parse=_domains
+    )
+    allow_empty_sender_domains: bool = setting(
+        "ALLOW_EMPTY_SENDER_DOMAINS", default=False, parse=_truthy
+    )
+    allow_null_sender: bool = setting("PYRELAY_ALLOW_NULL_SENDER", default=False, parse=_truthy)
+    masquerade_domains: tuple[str, ...] = setting(
+        "MASQUERADED_DOMAINS",
+        "MASQUERADE_DOMAINS",
+        "POSTFIX_masquerade_domains",
+        default=(),
+        parse=_masquerade,
+    )
+    mynetworks: tuple[IPNetwork, ...] = setting(
+        "MYNETWORKS", "POSTFIX_mynetworks", default=DEFAULT_MYNETWORKS, parse=_mynetworks
+    )
+    message_size_limit: int = setting(
+        "MESSAGE_SIZE_LIMIT", "POSTFIX_message_size_limit", default=10_240_000, parse=_int(0)
+    )
 
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _log_level(cls, value: object) -> str:
-        level = str(value).strip().lower()
-        if level not in ("debug", "info", "warning", "error"):
-            raise ValueError("must be one of debug, info, warning, error")
-        return level
+    listen: tuple[ListenAddress, ...] = setting(
+        "PYRELAY_LISTEN", default="0.0.0.0:25 0.0.0.0:587", parse=_listen
+    )
+    # The listener's TLS and AUTH (Postfix smtpd_tls_*, smtpd_sasl_*; boky's SMTPD_SASL_USERS).
+    # None until resolved: `may` with a certificate, otherwise `none`.
+    smtpd_tls_level: SmtpdTLSLevel | None = setting(
+        "PYRELAY_SMTPD_TLS_LEVEL",
+        "POSTFIX_smtpd_tls_security_level",
+        default=None,
+        parse=_choice(SmtpdTLSLevel),
+    )
+    tls_cert_file: Path | None = setting(
+        "PYRELAY_TLS_CERT_FILE", "POSTFIX_smtpd_tls_cert_file", default=None, parse=_path
+    )
+    tls_key_file: Path | None = setting(
+        "PYRELAY_TLS_KEY_FILE", "POSTFIX_smtpd_tls_key_file", default=None, parse=_path
+    )
+    smtpd_sasl_users: SecretStr = setting("SMTPD_SASL_USERS", default="", parse=_secret)
+    smtpd_sasl_users_file: Path | None = setting("SMTPD_SASL_USERS_FILE", default=None, parse=_path)
+    smtpd_users_file: Path | None = setting("PYRELAY_SMTPD_USERS_FILE", default=None, parse=_path)
+    spool_dir: Path = setting("PYRELAY_SPOOL_DIR", default=Path("/var/spool/pyrelay"), parse=_path)
+    hostname: str = setting("PYRELAY_HOSTNAME", "POSTFIX_myhostname", default="", parse=_hostname)
+    workers: int = setting("PYRELAY_WORKERS", default="auto", parse=_workers)
+    concurrency: int = setting("PYRELAY_CONCURRENCY", default=20, parse=_int(1, 1000))
+    min_backoff: float = setting("PYRELAY_MIN_BACKOFF", default=300.0, parse=parse_duration)
+    max_backoff: float = setting("PYRELAY_MAX_BACKOFF", default=4000.0, parse=parse_duration)
+    queue_lifetime: float = setting(
+        "PYRELAY_QUEUE_LIFETIME", default=5 * 86400.0, parse=parse_duration
+    )
+    log_format: LogFormat = setting(
+        "PYRELAY_LOG_FORMAT", default=LogFormat.CONSOLE, parse=_choice(LogFormat)
+    )
+    log_level: str = setting("PYRELAY_LOG_LEVEL", default="info", parse=_log_level)
+    # /metrics, /healthz, /readyz (pyrelay.http); PYRELAY_METRICS_LISTEN is the older name.
+    metrics_listen: HostPort | None = setting(
+        "PYRELAY_HTTP_LISTEN",
+        "PYRELAY_METRICS_LISTEN",
+        default=None,
+        parse=_optional_address(9025, off=("off", "no", "0", "false")),
+    )
+    # Where a drain that timed out hands the rest of the queue (pyrelay.handoff); a peer relay.
+    handoff_to: HostPort | None = setting(
+        "PYRELAY_HANDOFF_TO", default=None, parse=_optional_address(25)
+    )
+    # How long a drain reports "not ready" before it closes the listener.
+    drain_grace: float = setting("PYRELAY_DRAIN_GRACE", default=5.0, parse=parse_duration)
+    # The header From: of bounces; empty means MAILER-DAEMON@<hostname>.
+    bounce_from: str = setting("PYRELAY_BOUNCE_FROM", default="", parse=_bounce_from)
+    # DKIM signing (pyrelay.dkim), boky/postfix's names.
+    dkim_selector: str = setting("DKIM_SELECTOR", default="mail", parse=_dkim_selector)
+    dkim_autogenerate: bool = setting("DKIM_AUTOGENERATE", default=False, parse=_truthy)
+    dkim_key_dir: Path | None = setting("PYRELAY_DKIM_KEY_DIR", default=None, parse=_path)
 
-    @field_validator("hostname", mode="before")
-    @classmethod
-    def _hostname(cls, value: object) -> str:
-        text = str(value or "").strip()
-        if not text:
-            return socket.getfqdn() or "localhost"
-        if not _HOSTNAME.match(text):
-            raise ValueError(f"invalid host name {text!r}")
-        return text
+    # XOAUTH2 upstream authentication (pyrelay.xoauth2), boky/postfix's names; the mailbox is
+    # RELAYHOST_USERNAME.
+    xoauth2_client_id: SecretStr = setting("XOAUTH2_CLIENT_ID", default="", parse=_secret)
+    xoauth2_secret: SecretStr = setting("XOAUTH2_SECRET", default="", parse=_secret)
+    xoauth2_initial_access_token: SecretStr = setting(
+        "XOAUTH2_INITIAL_ACCESS_TOKEN", default="", parse=_secret
+    )
+    xoauth2_initial_refresh_token: SecretStr = setting(
+        "XOAUTH2_INITIAL_REFRESH_TOKEN", default="", parse=_secret
+    )
+    xoauth2_token_endpoint: str = setting(
+        "XOAUTH2_TOKEN_ENDPOINT", default="", parse=_token_endpoint
+    )
+    xoauth2_client_id_file: Path | None = setting(
+        "XOAUTH2_CLIENT_ID_FILE", default=None, parse=_path
+    )
+    xoauth2_secret_file: Path | None = setting("XOAUTH2_SECRET_FILE", default=None, parse=_path)
+    xoauth2_initial_access_token_file: Path | None = setting(
+        "XOAUTH2_INITIAL_ACCESS_TOKEN_FILE", default=None, parse=_path
+    )
+    xoauth2_initial_refresh_token_file: Path | None = setting(
+        "XOAUTH2_INITIAL_REFRESH_TOKEN_FILE", default=None, parse=_path
+    )
 
-    @field_validator("bounce_from", mode="before")
-    @classmethod
-    def _bounce_from(cls, value: object) -> str:
-        text = str(value or "").strip()
-        if not text:
-            return ""
-        local, at, domain = text.rpartition("@")
-        if not at or not local or any(c.isspace() or c in "<>()," for c in text):
-            raise ValueError(f"invalid address {text!r} (use local@domain)")
-        if not local.isascii() or any(ord(c) < 32 or ord(c) == 127 for c in local):
-            raise ValueError(f"invalid address {text!r} (ASCII local part only)")
-        normalize_domain(domain)
-        return text
+    # Shown by `pyrelay config`; read by load_settings before the other values.
+    env_file: Path | None = setting("PYRELAY_ENV_FILE", default=None, parse=_path)
 
-    @model_validator(mode="after")
-    def _cross_checks(self) -> Settings:
-        if not self.bounce_from:
-            object.__setattr__(self, "bounce_from", f"MAILER-DAEMON@{self.hostname}")
-        for name in SECRET_FIELDS:
-            path: Path | None = getattr(self, f"{name}_file")
-            if path is None:
-                continue
-            env = name.upper()
-            if getattr(self, name).get_secret_value():
-                raise ValueError(f"{env}_FILE: set {env} or {env}_FILE, not both")
-            try:
-                secret = path.read_text(encoding="utf-8").rstrip("\r\n")
-            except OSError as exc:
-                raise ValueError(f"{env}_FILE: cannot read {path}: {exc.strerror}") from None
-            object.__setattr__(self, name, SecretStr(secret))
-        if self.tls_key_file is not None and self.tls_cert_file is None:
-            raise ValueError("PYRELAY_TLS_KEY_FILE: set PYRELAY_TLS_CERT_FILE too")
-        if self.smtpd_tls_level is None:
-            level = SmtpdTLSLevel.MAY if self.tls_cert_file is not None else SmtpdTLSLevel.NONE
-            object.__setattr__(self, "smtpd_tls_level", level)
-        if self.delivery is DeliveryMode.MX:
-            if self.relayhost.host:
-                raise ValueError(
-                    "PYRELAY_DELIVERY: mx delivers to the recipients' MX hosts; unset RELAYHOST "
-                    "(or unset PYRELAY_DELIVERY to relay through it)"
-                )
-        elif not self.relayhost.host:
-            raise ValueError("RELAYHOST: required but not set")
-        fb_user = self.relayhost_fallback_username.get_secret_value()
-        fb_password = self.relayhost_fallback_password.get_secret_value()
-        if bool(fb_user) != bool(fb_password):
-            missing = "RELAYHOST_FALLBACK_PASSWORD" if fb_user else "RELAYHOST_FALLBACK_USERNAME"
-            raise ValueError(f"{missing}: required when the other credential is set")
-        user = self.relayhost_username.get_secret_value()
-        password = self.relayhost_password.get_secret_value()
-        if self.xoauth2:
-            if not user:
-                raise ValueError("RELAYHOST_USERNAME: required with XOAUTH2 (the mailbox)")
-            if not self.token_endpoint:
-                raise ValueError("XOAUTH2_TOKEN_ENDPOINT: required (no default for this RELAYHOST)")
-        elif bool(user) != bool(password):
-            missing = "RELAYHOST_PASSWORD" if user else "RELAYHOST_USERNAME"
-            raise ValueError(f"{missing}: required when the other credential is set")
-        if not self.allowed_sender_domains and not self.allow_empty_sender_domains:
-            raise ValueError(
-                "ALLOWED_SENDER_DOMAINS: required (or set ALLOW_EMPTY_SENDER_DOMAINS=true "
-                "to accept any sender domain)"
-            )
-        if self.min_backoff > self.max_backoff:
-            raise ValueError("PYRELAY_MIN_BACKOFF: must not exceed PYRELAY_MAX_BACKOFF")
-        if self.tls_ca_file is not None and not self.tls_ca_file.is_file():
-            raise ValueError(f"RELAYHOST_TLS_CA_FILE: no such file {self.tls_ca_file}")
-        return self
+    # Limits on clients (Postfix smtpd_recipient_limit, smtpd_timeout, process limit).
+    max_recipients: int = setting("PYRELAY_MAX_RECIPIENTS", default=1000, parse=_int(1))
+    max_connections: int = setting("PYRELAY_MAX_CONNECTIONS", default=200, parse=_int(1))
+    max_commands: int = setting("PYRELAY_MAX_COMMANDS", default=10000, parse=_int(10))
+    # Postfix smtpd_client_connection_count_limit (0 = unlimited) and smtpd_junk_command_limit.
+    max_connections_per_client: int = setting(
+        "PYRELAY_MAX_CONNECTIONS_PER_CLIENT",
+        "POSTFIX_smtpd_client_connection_count_limit",
+        default=50,
+        parse=_int(0),
+    )
+    junk_command_limit: int = setting(
+        "PYRELAY_JUNK_COMMAND_LIMIT",
+        "POSTFIX_smtpd_junk_command_limit",
+        default=100,
+        parse=_int(0),
+    )
+    command_timeout: float = setting("PYRELAY_COMMAND_TIMEOUT", default=300.0, parse=parse_duration)
+    session_timeout: float = setting(
+        "PYRELAY_SESSION_TIMEOUT", default=3600.0, parse=parse_duration
+    )
+    shutdown_grace: float = setting("PYRELAY_SHUTDOWN_GRACE", default=10.0, parse=parse_duration)
+
+    # Upstream client timeouts (Postfix smtp_connect_timeout, smtp_*_timeout).
+    upstream_connect_timeout: float = setting(
+        "PYRELAY_UPSTREAM_CONNECT_TIMEOUT", default=30.0, parse=parse_duration
+    )
+    upstream_command_timeout: float = setting(
+        "PYRELAY_UPSTREAM_COMMAND_TIMEOUT", default=300.0, parse=parse_duration
+    )
+    upstream_data_timeout: float = setting(
+        "PYRELAY_UPSTREAM_DATA_TIMEOUT", default=600.0, parse=parse_duration
+    )
+    upstream_idle_timeout: float = setting(
+        "PYRELAY_UPSTREAM_IDLE_TIMEOUT", default=5.0, parse=parse_duration
+    )
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` (typed values, not parsed: for code, not for operators)."""
+        return replace(self, **changes)
 
     @property
     def xoauth2(self) -> bool:
@@ -737,8 +627,8 @@ class Settings(BaseSettings):
 
     @property
     def smtpd_tls(self) -> SmtpdTLSLevel:
-        """The listener's STARTTLS level, resolved (``smtpd_tls_level`` is set after
-        validation; this spares callers the ``None`` check)."""
+        """The listener's STARTTLS level, resolved (``smtpd_tls_level`` is set by
+        ``load_settings``; this spares callers the ``None`` check)."""
         return self.smtpd_tls_level or SmtpdTLSLevel.NONE
 
     @property
@@ -749,22 +639,15 @@ class Settings(BaseSettings):
     def dump(self) -> dict[str, str]:
         """The effective configuration keyed by environment variable, secrets masked."""
         out: dict[str, str] = {}
-        for name in type(self).model_fields:
+        for name, variables in ENV_NAMES.items():
             if name.endswith("_file") and name.removesuffix("_file") in SECRET_FIELDS:
                 continue
-            env = _env_name(name)
-            value = getattr(self, name)
-            out[env] = _render(value, secret=name in MASKED_FIELDS)
+            out[variables[0]] = _render(getattr(self, name), secret=name in MASKED_FIELDS)
         return out
 
 
-def _env_name(field_name: str) -> str:
-    field = Settings.model_fields[field_name]
-    alias = field.validation_alias
-    if isinstance(alias, AliasChoices):
-        first = alias.choices[0]
-        return str(first)
-    return field_name.upper()
+# Field name -> the variables that set it, the first being its name (from Settings' fields).
+ENV_NAMES: dict[str, tuple[str, ...]] = {f.name: f.metadata["env"] for f in fields(Settings)}
 
 
 def _render(value: object, *, secret: bool = False) -> str:
@@ -784,26 +667,158 @@ def _render(value: object, *, secret: bool = False) -> str:
     return str(value)
 
 
-def _describe(error: ValidationError) -> str:
-    """One line naming the variable and what is wrong (never the offending secret value)."""
-    first = error.errors()[0]
-    loc = first.get("loc") or ()
-    message = str(first.get("msg", "invalid value"))
-    message = message.removeprefix("Value error, ")
-    if loc:
-        # loc is the field name or the alias the value came from (e.g. MASQUERADE_DOMAINS).
-        key = str(loc[0])
-        field = key if key in Settings.model_fields else key.lower()
-        name = _env_name(field) if field in Settings.model_fields else key.upper()
-        if first.get("type") == "missing":
-            return f"{name}: required but not set"
-        return f"{name}: {message}"
-    return message
+# ------------------------------------------------------------------------------ loading
 
 
-def env_file_from_environment() -> Path | None:
+def _cross_checks(s: Settings) -> Settings:
+    """What no single variable decides: *_FILE secrets, defaults that depend on other values,
+    and combinations that cannot work.  Returns the completed settings."""
+    changes: dict[str, object] = {}
+    if not s.bounce_from:
+        changes["bounce_from"] = f"MAILER-DAEMON@{s.hostname}"
+    for name in SECRET_FIELDS:
+        path: Path | None = getattr(s, f"{name}_file")
+        if path is None:
+            continue
+        env = name.upper()
+        if getattr(s, name).get_secret_value():
+            raise ConfigError(f"{env}_FILE: set {env} or {env}_FILE, not both")
+        try:
+            secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{env}_FILE: cannot read {path}: {exc.strerror}") from None
+        changes[name] = SecretStr(secret)
+    if s.tls_key_file is not None and s.tls_cert_file is None:
+        raise ConfigError("PYRELAY_TLS_KEY_FILE: set PYRELAY_TLS_CERT_FILE too")
+    if s.smtpd_tls_level is None:
+        level = SmtpdTLSLevel.MAY if s.tls_cert_file is not None else SmtpdTLSLevel.NONE
+        changes["smtpd_tls_level"] = level
+    s = s.replace(**changes)
+    if s.delivery is DeliveryMode.MX:
+        if s.relayhost.host:
+            raise ConfigError(
+                "PYRELAY_DELIVERY: mx delivers to the recipients' MX hosts; unset RELAYHOST "
+                "(or unset PYRELAY_DELIVERY to relay through it)"
+            )
+    elif not s.relayhost.host:
+        raise ConfigError("RELAYHOST: required but not set")
+    fb_user = s.relayhost_fallback_username.get_secret_value()
+    fb_password = s.relayhost_fallback_password.get_secret_value()
+    if bool(fb_user) != bool(fb_password):
+        missing = "RELAYHOST_FALLBACK_PASSWORD" if fb_user else "RELAYHOST_FALLBACK_USERNAME"
+        raise ConfigError(f"{missing}: required when the other credential is set")
+    user = s.relayhost_username.get_secret_value()
+    password = s.relayhost_password.get_secret_value()
+    if s.xoauth2:
+        if not user:
+            raise ConfigError("RELAYHOST_USERNAME: required with XOAUTH2 (the mailbox)")
+        if not s.token_endpoint:
+            raise ConfigError("XOAUTH2_TOKEN_ENDPOINT: required (no default for this RELAYHOST)")
+    elif bool(user) != bool(password):
+        missing = "RELAYHOST_PASSWORD" if user else "RELAYHOST_USERNAME"
+        raise ConfigError(f"{missing}: required when the other credential is set")
+    if not s.allowed_sender_domains and not s.allow_empty_sender_domains:
+        raise ConfigError(
+            "ALLOWED_SENDER_DOMAINS: required (or set ALLOW_EMPTY_SENDER_DOMAINS=true "
+            "to accept any sender domain)"
+        )
+    if s.min_backoff > s.max_backoff:
+        raise ConfigError("PYRELAY_MIN_BACKOFF: must not exceed PYRELAY_MAX_BACKOFF")
+    if s.tls_ca_file is not None and not s.tls_ca_file.is_file():
+        raise ConfigError(f"RELAYHOST_TLS_CA_FILE: no such file {s.tls_ca_file}")
+    return s
+
+
+def build_settings(
+    given: Mapping[str, object], environ: Mapping[str, str], env_file: Mapping[str, str]
+) -> Settings:
+    """Parse every field from, in this order, ``given`` (by field or variable name), the
+    environment, the ``.env`` file's values, and its default; ``ConfigError`` names the
+    variable.  Names match case-insensitively, and an empty value means unset (compose files
+    often write ``VAR=``)."""
+    given = {k.lower(): v for k, v in given.items()}
+    sources = [
+        {k.lower(): v for k, v in source.items() if v != ""} for source in (environ, env_file)
+    ]
+    values: dict[str, Any] = {}  # typed by each field's parser
+    for f in fields(Settings):
+        variables: tuple[str, ...] = f.metadata["env"]
+        name, raw = _lookup(f.name, variables, given, sources)
+        if name is None:
+            name, raw = variables[0], f.metadata["default"]
+        try:
+            values[f.name] = None if raw is None else f.metadata["parse"](raw)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    return _cross_checks(Settings(**values))
+
+
+def _lookup(
+    field_name: str,
+    variables: tuple[str, ...],
+    given: Mapping[str, object],
+    sources: list[dict[str, str]],
+) -> tuple[str | None, object]:
+    for key in (field_name, *variables):
+        if key.lower() in given:
+            return (key if key in variables else variables[0]), given[key.lower()]
+    for source in sources:
+        for variable in variables:
+            if variable.lower() in source:
+                return variable, source[variable.lower()]
+    return None, None
+
+
+_ENV_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*(.*)$")
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$"}
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """``NAME=value`` lines (the usual ``.env`` syntax: ``export`` allowed, ``#`` comments,
+    single quotes literal, double quotes with ``\\n``-style escapes).  A line that is not an
+    assignment is an error naming the line: a typo must not silently unset a variable."""
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"PYRELAY_ENV_FILE: cannot read {path}: {reason}") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        match = _ENV_LINE.match(stripped)
+        value = _env_value(match.group(2)) if match else None
+        if match is None or value is None:
+            raise ConfigError(f"PYRELAY_ENV_FILE: {path} line {number}: expected NAME=value")
+        values[match.group(1)] = value
+    return values
+
+
+def _env_value(text: str) -> str | None:
+    """The value of one assignment, or None when its quotes are not closed."""
+    if text[:1] == "'":
+        end = text.find("'", 1)
+        return None if end < 0 or text[end + 1 :].strip()[:1] not in ("", "#") else text[1:end]
+    if text[:1] == '"':
+        out, i = [], 1
+        while i < len(text):
+            char = text[i]
+            if char == "\\" and i + 1 < len(text):
+                out.append(_ESCAPES.get(text[i + 1], "\\" + text[i + 1]))
+                i += 2
+                continue
+            if char == '"':
+                return "".join(out) if text[i + 1 :].strip()[:1] in ("", "#") else None
+            out.append(char)
+            i += 1
+        return None
+    return re.sub(r"\s+#.*$", "", text).strip()
+
+
+def env_file_from_environment(environ: Mapping[str, str] | None = None) -> Path | None:
     """``PYRELAY_ENV_FILE`` if set (and not empty); it must name a readable file."""
-    name = os.environ.get("PYRELAY_ENV_FILE", "").strip()
+    name = (os.environ if environ is None else environ).get("PYRELAY_ENV_FILE", "").strip()
     if not name:
         return None
     path = Path(name)
@@ -817,24 +832,24 @@ def env_file_from_environment() -> Path | None:
     return path
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Build ``Settings`` from the environment (and ``PYRELAY_ENV_FILE``, if set); raise
-    ``ConfigError`` with one clear line."""
-    if "_env_file" not in overrides:
-        overrides["_env_file"] = env_file_from_environment()
-    try:
-        return Settings(**overrides)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
-    except SettingsError as exc:
-        raise ConfigError(str(exc).split(" from source")[0]) from None
+_FROM_ENVIRONMENT: Any = object()
+
+
+def load_settings(
+    _env_file: Path | None = _FROM_ENVIRONMENT,
+    _environ: Mapping[str, str] | None = None,
+    **overrides: object,
+) -> Settings:
+    """Build ``Settings`` from the environment (``_environ``, default ``os.environ``), the
+    ``.env`` file (``_env_file``, default ``PYRELAY_ENV_FILE``) and ``overrides`` (by field
+    name, winning over both); raise ``ConfigError`` with one clear line."""
+    environ = os.environ if _environ is None else _environ
+    if _env_file is _FROM_ENVIRONMENT:
+        _env_file = env_file_from_environment(environ)
+    env_file = read_env_file(_env_file) if _env_file is not None else {}
+    return build_settings(overrides, environ, env_file)
 
 
 def known_env_names() -> set[str]:
     """Every environment variable name Settings reads (lowercased)."""
-    names: set[str] = set()
-    for field in Settings.model_fields.values():
-        alias = field.validation_alias
-        if isinstance(alias, AliasChoices):
-            names.update(str(choice).lower() for choice in alias.choices)
-    return names
+    return {variable.lower() for variables in ENV_NAMES.values() for variable in variables}

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import trustme
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from pyrelay.app import Relay
-from pyrelay.config import Settings
+from pyrelay.config import load_settings
 from pyrelay.logging import configure_logging
 from pyrelay.sink import Received, SinkState, start_sink
 
@@ -36,22 +35,6 @@ MESSAGE = (
     "\r\n"
     "This message went app -> pyrelay -> upstream (STARTTLS + AUTH).\r\n"
 )
-
-
-class DemoSettings(Settings):
-    """Settings from the arguments only: the demo must behave the same on every machine, so
-    neither the environment (a real RELAYHOST, a _FILE secret) nor a ``.env`` may leak in."""
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
 
 
 def main() -> int:
@@ -83,7 +66,9 @@ async def _demo() -> int:
             "concurrency": 1,
             "shutdown_grace": "5s",
         }
-        settings = DemoSettings(**values)
+        # From these values only: the demo must behave the same on every machine, so neither
+        # the environment (a real RELAYHOST, a _FILE secret) nor a .env may leak in.
+        settings = load_settings(_env_file=None, _environ={}, **values)
         relay = Relay(settings)
         await relay.startup()
         port = relay.listener.ports[0][1]

@@ -39,7 +39,6 @@ import dns.exception
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
-from pydantic import SecretStr
 
 from pyrelay.config import HostPort, Settings, TLSLevel
 from pyrelay.delivery import Outcome, RecipientResult, Session, Tried, Upstream
@@ -47,6 +46,7 @@ from pyrelay.domains import try_ascii
 from pyrelay.errors import DeliveryError
 from pyrelay.logging import get_logger
 from pyrelay.queuefile import Envelope
+from pyrelay.secret import SecretStr
 from pyrelay.transaction import MessageBody
 
 __all__ = ["DNSFailure", "MXDelivery", "MXResolver", "Tried", "Via", "group_by_domain"]
@@ -182,12 +182,10 @@ class MXDelivery:
         self._active: dict[str, int] = {}
         self._dead: dict[str, tuple[float, DeliveryError]] = {}
         self._upstreams: dict[tuple[str, str, int], _MXUpstream] = {}
-        self._base = settings.model_copy(
-            update={
-                "tls_level": TLSLevel.MAY,
-                "relayhost_username": SecretStr(""),
-                "relayhost_password": SecretStr(""),
-            }
+        self._base = settings.replace(
+            tls_level=TLSLevel.MAY,
+            relayhost_username=SecretStr(""),
+            relayhost_password=SecretStr(""),
         )
 
     def active(self, domain: str) -> int:
@@ -203,9 +201,7 @@ class MXDelivery:
         if up is None:
             if len(self._upstreams) >= UPSTREAM_CACHE:
                 self._upstreams.clear()
-            settings = self._base.model_copy(
-                update={"relayhost": HostPort(address, self.settings.mx_port)}
-            )
+            settings = self._base.replace(relayhost=HostPort(address, self.settings.mx_port))
             up = self._upstreams[key] = _MXUpstream(settings, name)
         return up
 

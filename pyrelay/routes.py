@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, field_validator
 
 from pyrelay.config import HostPort, Settings, TLSLevel, normalize_domain, parse_host_port
 from pyrelay.domains import try_ascii
 from pyrelay.errors import ConfigError
 from pyrelay.logging import get_logger
+from pyrelay.secret import SecretStr
 
 __all__ = ["Rate", "Route", "RouteTable", "Target", "load_routes", "parse_rate", "route_counter"]
 
@@ -91,13 +91,11 @@ class Target:
 
     def settings(self, base: Settings) -> Settings:
         """``base`` with this target as RELAYHOST (``Upstream(settings)`` takes it from there)."""
-        return base.model_copy(
-            update={
-                "relayhost": self.relayhost,
-                "relayhost_username": self.username,
-                "relayhost_password": self.password,
-                "tls_level": self.tls_level,
-            }
+        return base.replace(
+            relayhost=self.relayhost,
+            relayhost_username=self.username,
+            relayhost_password=self.password,
+            tls_level=self.tls_level,
         )
 
     def describe(self) -> str:
@@ -135,14 +133,21 @@ class Route:
         return out
 
 
-class _RouteModel(BaseModel):
-    """One ``[[route]]`` table as written."""
+class _BadKey(ValueError):
+    """A ``[[route]]`` key that is missing, unknown or of the wrong kind."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
 
-    name: str | None = None
+
+@dataclass(frozen=True, slots=True)
+class _RouteSpec:
+    """One ``[[route]]`` table as written, checked key by key."""
+
     senders: list[str]
     relayhost: str
+    name: str | None = None
     username: str = ""
     password: SecretStr = SecretStr("")
     password_file: Path | None = None
@@ -154,38 +159,63 @@ class _RouteModel(BaseModel):
     fallback_password: SecretStr | None = None
     fallback_password_file: Path | None = None
 
-    @field_validator("senders")
-    @classmethod
-    def _senders(cls, value: list[str]) -> list[str]:
+
+_TEXT_KEYS = ("name", "relayhost", "username", "rate", "fallback", "fallback_username")
+_SECRET_KEYS = ("password", "fallback_password")
+_PATH_KEYS = ("password_file", "fallback_password_file")
+_KEYS = frozenset({*_TEXT_KEYS, *_SECRET_KEYS, *_PATH_KEYS, "senders", "tls_level", "concurrency"})
+
+
+def _spec(table: dict[str, Any]) -> _RouteSpec:
+    """Check one table: unknown keys first (a misspelt key is the likeliest mistake), then each
+    key's kind and value; ``_BadKey`` names the key."""
+    unknown = sorted(set(table) - _KEYS)
+    if unknown:
+        raise _BadKey(unknown[0], "unknown key")
+    for key in ("senders", "relayhost"):
+        if key not in table:
+            raise _BadKey(key, "required but not set")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in (*_TEXT_KEYS, *_SECRET_KEYS, *_PATH_KEYS, "tls_level") and not isinstance(
+            value, str
+        ):
+            raise _BadKey(key, "must be a string")
+        try:
+            values[key] = _value(key, value)
+        except ValueError as exc:
+            raise _BadKey(key, str(exc)) from None
+    return _RouteSpec(**values)
+
+
+def _value(key: str, value: Any) -> object:
+    if key == "senders":
+        if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
+            raise ValueError('must be a list of domains, e.g. ["example.org"]')
         if not value:
             raise ValueError("at least one sender domain is required")
         return [normalize_domain(d.lstrip(".")) for d in value]
-
-    @field_validator("relayhost", "fallback")
-    @classmethod
-    def _host(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_host_port(value, 25, what="relay host")
-        return value
-
-    @field_validator("rate")
-    @classmethod
-    def _rate(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_rate(value)
-        return value
-
-    @field_validator("concurrency")
-    @classmethod
-    def _concurrency(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
+    if key == "concurrency":
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError("must be a whole number")
+        if value < 1:
             raise ValueError("must be at least 1")
         return value
-
-    @field_validator("tls_level", mode="before")
-    @classmethod
-    def _lower(cls, value: object) -> object:
-        return value.strip().lower() if isinstance(value, str) else value
+    if key in ("relayhost", "fallback"):
+        parse_host_port(value, 25, what="relay host")
+    elif key == "rate":
+        parse_rate(value)
+    elif key == "tls_level":
+        try:
+            return TLSLevel(value.strip().lower())
+        except ValueError:
+            allowed = ", ".join(level.value for level in TLSLevel)
+            raise ValueError(f"invalid value {value!r} (use one of {allowed})") from None
+    elif key in _SECRET_KEYS:
+        return SecretStr(value)
+    elif key in _PATH_KEYS:
+        return Path(value)
+    return value
 
 
 def _secret(value: SecretStr | None, path: Path | None, key: str, base: Path) -> SecretStr | None:
@@ -270,7 +300,7 @@ def load_routes(path: Path, settings: Settings) -> list[Route]:
         if not isinstance(table, dict):
             raise ConfigError(f"{where} line 1: route: write each route as a [[route]] table")
         try:
-            spec = _RouteModel.model_validate(table)
+            spec = _spec(table)
             key = "password_file"
             password = _secret(spec.password, spec.password_file, key, path.parent)
             key = "fallback_password_file"
@@ -279,17 +309,9 @@ def load_routes(path: Path, settings: Settings) -> list[Route]:
             )
             key = None
             routes.append(_route(spec, i, password or SecretStr(""), fb_password, settings))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = first.get("loc") or ()
-            key = str(loc[0]) if loc else None
-            msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-            if first.get("type") == "missing":
-                msg = "required but not set"
-            elif first.get("type") == "extra_forbidden":
-                msg = "unknown key"
-            line = _line_of(text, i, key)
-            raise ConfigError(f"{where} line {line}: route[{i}].{key}: {msg}") from None
+        except _BadKey as exc:
+            line = _line_of(text, i, exc.key)
+            raise ConfigError(f"{where} line {line}: route[{i}].{exc.key}: {exc}") from None
         except ValueError as exc:
             raise ConfigError(
                 f"{where} line {_line_of(text, i, key)}: route[{i}].{key}: {exc}"
@@ -313,7 +335,7 @@ def load_routes(path: Path, settings: Settings) -> list[Route]:
 
 
 def _route(
-    spec: _RouteModel,
+    spec: _RouteSpec,
     index: int,
     password: SecretStr,
     fb_password: SecretStr | None,

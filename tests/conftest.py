@@ -20,7 +20,7 @@ from faulty_upstream import FaultUpstream
 from procs import free_port as free_port  # re-exported: one helper for every test module
 
 from pyrelay.app import Relay
-from pyrelay.config import Settings
+from pyrelay.config import Settings, load_settings
 from pyrelay.logging import configure_logging
 from pyrelay.sink import SinkState, start_sink
 
@@ -140,7 +140,7 @@ def relay_settings(
         "upstream_connect_timeout": "5s",
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return load_settings(_env_file=None, **values)
 
 
 class RunningRelay:

@@ -229,8 +229,19 @@ class RelayProc:
     def _alive_reader(self) -> bool:
         return self._reader is not None and self._reader.is_alive()
 
-    def wait_started(self, timeout: float = 15.0) -> None:
+    def wait_started(self, timeout: float = 15.0, processes: int = 1) -> None:
+        """Until the primary has started and ``processes`` of the relay's processes (the primary
+        and its workers each log it) have logged ``listening``."""
+        listening = 0
+
+        def started(e: dict[str, Any]) -> bool:
+            nonlocal listening
+            listening += e.get("event") == "listening"
+            return listening >= processes
+
         ev = self.wait_event(lambda e: e.get("event") == "started", timeout)
+        if ev is not None and processes > 1:
+            ev = self.wait_event(started, timeout)
         if ev is None:
             self.kill()
             raise AssertionError("relay did not start:\n" + "\n".join(self.raw[-30:]))

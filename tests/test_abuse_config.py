@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pyrelay.config import Settings, load_settings
+from pyrelay.config import ENV_NAMES, load_settings
 from pyrelay.errors import ConfigError
 
 
@@ -69,7 +69,7 @@ def test_empty_variable_means_unset(env: pytest.MonkeyPatch) -> None:
         env.setenv(name, "")
     s = load_settings()
     for name in EMPTY_MEANS_UNSET:
-        field = next(f for f, i in Settings.model_fields.items() if name in str(i.validation_alias))
+        field = next(f for f, names in ENV_NAMES.items() if name in names)
         assert getattr(s, field) == getattr(default, field), name
 
 

@@ -223,7 +223,8 @@ def test_mynetworks(setenv: pytest.MonkeyPatch, name: str) -> None:
         ipaddress.ip_network("192.168.1.5/32"),
     )
     message = config_error(setenv, **{name: "10.0.0.0/8 not-a-network"})
-    assert message.startswith("MYNETWORKS: invalid network 'not-a-network'")
+    # The error names the variable that was set (an alias included), not the canonical name.
+    assert message.startswith(f"{name}: invalid network 'not-a-network'")
 
 
 @pytest.mark.parametrize(
@@ -266,7 +267,7 @@ def test_metrics_listen(setenv: pytest.MonkeyPatch, value: str, expected: HostPo
 def test_message_size_limit(setenv: pytest.MonkeyPatch, name: str) -> None:
     setenv.setenv(name, "0")  # Postfix: unlimited
     assert load().message_size_limit == 0
-    assert config_error(setenv, **{name: "-1"}).startswith("MESSAGE_SIZE_LIMIT: ")
+    assert config_error(setenv, **{name: "-1"}).startswith(f"{name}: must be at least 0")
 
 
 def test_credentials_must_come_in_pairs(setenv: pytest.MonkeyPatch) -> None:
@@ -354,3 +355,61 @@ def test_dump_covers_every_setting_keyed_by_variable_name(setenv: pytest.MonkeyP
     # The secret a _FILE variable loads is shown (masked) under the secret's own name.
     assert "RELAYHOST_PASSWORD_FILE" not in dumped and "RELAYHOST_USERNAME_FILE" not in dumped
     assert all(name.isupper() for name in dumped)
+
+
+def test_env_file_syntax(setenv: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env_file = tmp_path / "relay.env"
+    env_file.write_text(
+        "# a comment\n"
+        "\n"
+        "export PYRELAY_CONCURRENCY=7\n"
+        "PYRELAY_HOSTNAME = relay.example.org   # trailing comment\n"
+        "RELAYHOST_PASSWORD='p#ss word'\n"
+        'RELAYHOST_USERNAME="api\\"key"\n'
+        "pyrelay_max_recipients=9\n"  # names are case-insensitive, as in the environment
+    )
+    s = load_settings(_env_file=env_file)
+    assert (s.concurrency, s.hostname, s.max_recipients) == (7, "relay.example.org", 9)
+    assert s.relayhost_password.get_secret_value() == "p#ss word"
+    assert s.relayhost_username.get_secret_value() == 'api"key'
+
+
+@pytest.mark.parametrize("line", ["PYRELAY_CONCURRENCY", "A='unclosed", 'B="x" junk', "=1"])
+def test_env_file_line_that_is_not_an_assignment(
+    setenv: pytest.MonkeyPatch, tmp_path: Path, line: str
+) -> None:
+    env_file = tmp_path / "relay.env"
+    env_file.write_text(f"PYRELAY_CONCURRENCY=3\n{line}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(_env_file=env_file)
+    assert str(info.value) == f"PYRELAY_ENV_FILE: {env_file} line 2: expected NAME=value"
+
+
+def test_overrides_environment_and_defaults(setenv: pytest.MonkeyPatch) -> None:
+    setenv.setenv("PYRELAY_CONCURRENCY", "3")
+    setenv.setenv("MASQUERADE_DOMAINS", "b.example")
+    setenv.setenv("MASQUERADED_DOMAINS", "a.example")  # the first name listed wins
+    s = load_settings(_env_file=None, concurrency=5)
+    assert s.concurrency == 5 and s.masquerade_domains == ("a.example",)
+    # Only what is passed counts with an empty environment (pyrelay demo).
+    bare = load_settings(
+        _env_file=None, _environ={}, relayhost="smtp.x", allowed_sender_domains="x.org"
+    )
+    assert bare.masquerade_domains == () and bare.concurrency == 20
+    assert s.replace(concurrency=9).concurrency == 9 and s.concurrency == 5
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        ("PYRELAY_WORKERS", "17", "must be at most 16, got 17"),
+        ("PYRELAY_WORKERS", "two", "invalid number 'two'"),
+        ("PYRELAY_MAX_COMMANDS", "5", "must be at least 10, got 5"),
+        ("RELAYHOST_TLS_LEVEL", "paranoid", "use one of none, may, encrypt, verify, secure"),
+    ],
+)
+def test_number_and_choice_errors(
+    setenv: pytest.MonkeyPatch, name: str, value: str, reason: str
+) -> None:
+    message = config_error(setenv, **{name: value})
+    assert message.startswith(f"{name}: ") and reason in message, message

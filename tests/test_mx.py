@@ -98,8 +98,8 @@ def common_port() -> int:
 async def test_resolver_mx_order_null_mx_nxdomain_and_implicit(dns_port: int) -> None:
     from conftest import relay_settings
 
-    settings = relay_settings(__import__("pathlib").Path("/tmp"), None, None).model_copy(
-        update={"dns_servers": (HostPort("127.0.0.1", dns_port),), "upstream_connect_timeout": 3}
+    settings = relay_settings(__import__("pathlib").Path("/tmp"), None, None).replace(
+        dns_servers=(HostPort("127.0.0.1", dns_port),), upstream_connect_timeout=3.0
     )
     resolver = MXResolver(settings)
     assert await resolver.exchangers("twomx.test") == ["mx.dead.test", "mx.good.test"]

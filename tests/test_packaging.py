@@ -72,12 +72,11 @@ def _missing_tool(message: str) -> None:
 # --------------------------------------------------------------------------- dependencies
 
 # The libraries whose internals pyrelay uses, pinned to the versions tests/test_library_contracts.py
-# was run against, and pydantic-settings from the release that added NoDecode (config.py).
+# was run against.
 PINNED = {
     "aiosmtpd": "==1.4.6",
     "aiosmtplib": ">=5.1.3,<5.2",
     "prometheus-client": ">=0.26,<0.27",
-    "pydantic-settings": ">=2.7,<3",
 }
 _LOWER = {">=", ">", "==", "~=", "==="}
 _UPPER = {"<", "<=", "==", "~=", "==="}

@@ -100,7 +100,8 @@ async def test_two_workers_together_send_at_the_route_rate(
         )
     ).start()
     try:
-        await asyncio.to_thread(relay.wait_started)
+        # Both processes listening, or the kernel may give every connection to the first.
+        await asyncio.to_thread(relay.wait_started, processes=2)
 
         def send_all() -> list[str]:
             with ThreadPoolExecutor(10) as pool:

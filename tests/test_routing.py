@@ -145,7 +145,7 @@ def test_routes_file_errors_name_file_line_and_key(tmp_path: Path) -> None:
         '[[route]]\nsenders = ["bücher.example"]\nrelayhost = "[smtp.x]:587"\n'
         'fallback = "smtp.y"\nusername = "u"\npassword = "p"\n'
     )
-    table = RouteTable(settings.model_copy(update={"routes_file": path}))
+    table = RouteTable(settings.replace(routes_file=path))
     route = table.select("a@shop.xn--bcher-kva.example")
     assert route.primary is not None and route.primary.relayhost == HostPort("smtp.x", 587)
     assert route.fallback is not None and route.fallback.username.get_secret_value() == "u"

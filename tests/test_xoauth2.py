@@ -366,7 +366,7 @@ def test_config_masks_tokens_and_reads_file_variants(tmp_path: Path, ca_file: Pa
     assert s.xoauth2_initial_refresh_token.get_secret_value() == INITIAL_REFRESH
     # Google's documented endpoint for smtp.gmail.com, Microsoft's for Office 365.
     assert s.token_endpoint == "https://oauth2.googleapis.com/token"
-    o365 = s.model_copy(update={"relayhost": s.relayhost._replace(host="smtp.office365.com")})
+    o365 = s.replace(relayhost=s.relayhost._replace(host="smtp.office365.com"))
     assert o365.token_endpoint.startswith("https://login.microsoftonline.com/")
     dump = s.dump()
     text = json.dumps(dump)
