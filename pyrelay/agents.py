@@ -129,7 +129,7 @@ class DeliveryAgents:
         self.suspension = Suspension(settings)
         self.routes = RouteTable(settings)
         self.limiter = RateLimiter(settings.spool_dir)
-        self.route_results = route_counter(metrics.registry)
+        self.route_results = metrics.counter(route_counter)
         self.mx: MXDelivery | None = None
         if settings.delivery is DeliveryMode.MX:
             # dnspython only when MX delivery is configured (idle memory of every process).

@@ -37,7 +37,7 @@ class Relay:
         self.settings = settings
         self.worker = worker
         self.prefork = prefork
-        self.metrics = Metrics()
+        self.metrics = Metrics.for_settings(settings)
         self.spool = Spool(settings.spool_dir, worker=worker)
         self.scheduler = Scheduler(settings, self.spool, self.metrics, primary=worker == 0)
         self.listener = Listener(settings, self.spool, self.metrics, self.scheduler.submit)
@@ -335,7 +335,7 @@ def _prefork(settings: Settings) -> Prefork:
         if settings.metrics_listen is not None:
             enable_multiprocess(settings.spool_dir / "metrics")
         # Leftovers are requeued before any worker can add entries of its own.
-        recovered = Scheduler(settings, spool, Metrics()).recover()
+        recovered = Scheduler(settings, spool, Metrics.for_settings(settings)).recover()
     finally:
         spool.close()
     return Prefork(fork_workers(settings, serve_worker), recovered)

@@ -28,15 +28,16 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from prometheus_client import CollectorRegistry, Counter
+from typing import TYPE_CHECKING, Any
 
 from pyrelay.config import HostPort, Settings, TLSLevel, normalize_domain, parse_host_port
 from pyrelay.domains import try_ascii
 from pyrelay.errors import ConfigError
 from pyrelay.logging import get_logger
 from pyrelay.secret import SecretStr
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter
 
 __all__ = ["Rate", "Route", "RouteTable", "Target", "load_routes", "parse_rate", "route_counter"]
 
@@ -439,6 +440,8 @@ class RouteTable:
 def route_counter(registry: CollectorRegistry) -> Counter:
     """``pyrelay_route_recipients_total{route, result}``: recipients per route and outcome
     (the relay or MX host of each is in the delivery log's ``relay=``)."""
+    from prometheus_client import Counter
+
     return Counter(
         "pyrelay_route_recipients",
         "Recipient delivery attempts by route and result",

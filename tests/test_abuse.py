@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from faulty_upstream import RawClient
 
-from conftest import MESSAGE, PASSWORD, LogCapture, Upstream, wait_until
+from conftest import MESSAGE, PASSWORD, LogCapture, Upstream, free_port, wait_until
 
 NULL_DENIED = "554 5.7.1 <r@dest.test>: Relay access denied: null sender is not allowed"
 
@@ -38,6 +38,11 @@ async def ehlo(port: int, *, source: str | None = None) -> RawClient:
     return client
 
 
+def counted(**overrides: Any) -> dict[str, Any]:
+    """``make_relay`` overrides for a relay that counts (metrics are off without an endpoint)."""
+    return {"metrics_listen": f"127.0.0.1:{free_port()}", **overrides}
+
+
 def rejected_count(relay: Any, reason: str) -> float:
     value = relay.relay.metrics.registry.get_sample_value(
         "pyrelay_messages_rejected_total", {"reason": reason}
@@ -51,7 +56,7 @@ def rejected_count(relay: Any, reason: str) -> float:
 async def test_null_sender_is_refused_at_rcpt_unless_allowed(
     upstream: Upstream, make_relay: Any, logs: LogCapture
 ) -> None:
-    async with make_relay(upstream) as relay:
+    async with make_relay(upstream, **counted()) as relay:
         client = await ehlo(relay.port)
         assert await client.cmd("MAIL FROM:<>") == "250 2.1.0 Ok"
         assert await client.cmd("RCPT TO:<r@dest.test>") == NULL_DENIED
@@ -73,7 +78,7 @@ async def test_null_sender_is_refused_at_rcpt_unless_allowed(
 
 
 async def test_rejections_are_counted_by_reason(upstream: Upstream, make_relay: Any) -> None:
-    async with make_relay(upstream, max_recipients=1) as relay:
+    async with make_relay(upstream, **counted(max_recipients=1)) as relay:
         client = await ehlo(relay.port)
         assert (await client.cmd("MAIL FROM:<x@exa\u00admple.org> SMTPUTF8")).startswith("501")
         assert (await client.cmd("MAIL FROM:<x@evil.test>")).startswith("250")

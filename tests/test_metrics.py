@@ -1,17 +1,25 @@
 """The Prometheus endpoint (``PYRELAY_METRICS_LISTEN``): scraped over HTTP like Prometheus would,
-while real messages flow through the relay to a real upstream."""
+while real messages flow through the relay to a real upstream; and without the endpoint, a relay
+process that never imports prometheus-client."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import smtplib
+import sys
+import textwrap
+import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import RelayProc, SinkProc, relay_env, send_one
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import MESSAGE, LogCapture, Upstream, free_port, wait_until
+from pyrelay.metrics import NOOP, Metrics
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -85,3 +93,83 @@ async def test_upstream_errors_are_counted_by_kind(
     assert value(samples, "pyrelay_upstream_errors_total", kind="tcp") >= 1
     assert value(samples, "pyrelay_recipients_deferred_total") >= 1
     assert value(samples, "pyrelay_recipients_delivered_total") == 0
+
+
+# -- metrics off: no prometheus-client ----------------------------------------------------------
+
+# Run as RelayProc's prefix: ``python -c REPORTER REPORT python -m pyrelay`` runs the module named
+# after ``-m`` like ``python -m`` would and, at exit, writes the prometheus-client modules it had
+# imported to REPORT.
+_REPORTER = textwrap.dedent(
+    """
+    import atexit, json, runpy, sys
+    report, _python, dash_m, module, *args = sys.argv[1:]
+    assert dash_m == "-m", sys.argv
+
+    def write_report() -> None:
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] == "prometheus_client")
+        with open(report, "w") as f:
+            json.dump(loaded, f)
+
+    atexit.register(write_report)
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    """
+)
+
+
+@pytest.mark.parametrize("endpoint", [False, True], ids=["metrics_off", "metrics_on"])
+def test_prometheus_client_is_imported_only_with_the_endpoint(
+    tmp_path: Path, endpoint: bool
+) -> None:
+    """A real relay process, which accepts and delivers a message: without
+    ``PYRELAY_HTTP_LISTEN`` it never imports prometheus-client (idle memory of every process);
+    with it, it does (which also shows that the report sees an import)."""
+    sink = SinkProc(tmp_path / "sink")
+    smtp = free_port()
+    extra = {"PYRELAY_HTTP_LISTEN": f"127.0.0.1:{free_port()}"} if endpoint else {}
+    env = relay_env(relay_port=smtp, sink_port=sink.port, spool=tmp_path / "spool", **extra)
+    report = tmp_path / "modules.json"
+    relay = RelayProc(env, prefix=[sys.executable, "-c", _REPORTER, str(report)]).start()
+    try:
+        relay.wait_started()
+        assert send_one(smtp, "lazy-metrics").accepted
+        deadline = time.monotonic() + 15
+        while not sink.deliveries() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [d.test_id for d in sink.deliveries()] == ["lazy-metrics"]
+        relay.terminate()
+        assert relay.wait(15) == 0, "\n".join(relay.raw[-30:])
+    finally:
+        relay.kill()
+        sink.stop()
+    loaded = json.loads(report.read_text())
+    if endpoint:
+        assert "prometheus_client" in loaded
+    else:
+        assert loaded == []
+
+
+def test_metrics_off_instruments_are_no_ops() -> None:
+    metrics = Metrics(enabled=False)
+    assert metrics.registry is None
+    for instrument in (metrics.received, metrics.rejected, metrics.latency, metrics.draining):
+        assert instrument is NOOP
+    metrics.rejected.labels(reason="size").inc()
+    metrics.latency.observe(0.5)
+    metrics.draining.set(1)
+    assert metrics.counter(lambda registry: pytest.fail("made a counter")) is NOOP
+    with pytest.raises(RuntimeError):
+        metrics.exposition_registry()
+
+
+def test_metrics_on_count() -> None:
+    metrics = Metrics(enabled=True)
+    assert metrics.registry is not None
+    metrics.received.inc(2)
+    metrics.rejected.labels(reason="size").inc()
+    assert metrics.registry.get_sample_value("pyrelay_messages_received_total") == 2
+    assert (
+        metrics.registry.get_sample_value("pyrelay_messages_rejected_total", {"reason": "size"})
+        == 1
+    )
