@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
@@ -370,6 +372,13 @@ def _escape_reference(value: str) -> str:
     return escaped
 
 
+def test_every_escaped_character_but_backslash_and_quote_is_unprintable() -> None:
+    """escape_value skips the translation for printable values without ``\\`` or ``"``."""
+    from pyrelay.logging import _ESCAPES
+
+    assert [hex(c) for c in _ESCAPES if c not in (0x5C, 0x22) and chr(c).isprintable()] == []
+
+
 @given(st.text(alphabet=st.characters(exclude_categories=())))  # surrogates included
 def test_escape_value_is_the_reference(value: str) -> None:
     assert escape_value(value) == _escape_reference(value)
@@ -382,3 +391,56 @@ def test_escape_value_is_the_reference(value: str) -> None:
 )
 def test_escape_value_is_the_reference_on_special_characters(value: str) -> None:
     assert escape_value(value) == _escape_reference(value)
+
+
+def test_a_timestamp_on_the_second_has_no_fraction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As datetime.isoformat (and so structlog's TimeStamper) writes it."""
+    import datetime
+
+    import pyrelay.logging
+
+    micros = iter([417674, 5, 0])
+
+    class Clock(datetime.datetime):
+        @classmethod
+        def now(cls, tz: datetime.tzinfo | None = None) -> Clock:
+            return cls(2026, 12, 1, 21, 20, 19, next(micros), tzinfo=tz)
+
+    monkeypatch.setattr(pyrelay.logging, "datetime", Clock)
+    out = io.StringIO()
+    configure_logging("console", "info", stream=out)
+    for _ in range(3):
+        log.info("tick")
+    assert [line.split(" ")[0] for line in out.getvalue().splitlines()] == [
+        "timestamp=2026-12-01T21:20:19.417674Z",
+        "timestamp=2026-12-01T21:20:19.000005Z",
+        "timestamp=2026-12-01T21:20:19Z",
+    ]
+
+
+def test_unconfigured_loggers_write_console_lines_to_stderr() -> None:
+    """Before configure_logging (commands that log without running the relay): info and above,
+    to stderr, so that a command's own output (``--json``) stays clean."""
+    code = (
+        "from pyrelay.logging import get_logger\n"
+        "log = get_logger('pyrelay.x')\n"
+        "log.debug('hidden')\n"
+        "log.info('handoff_started', to='127.0.0.1:25', messages=3)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert TIMESTAMP.sub("<TS>", done.stderr) == (
+        "timestamp=<TS> level=info event=handoff_started to=127.0.0.1:25 messages=3\n"
+    )
+
+
+def test_the_relay_does_not_import_structlog() -> None:
+    """structlog is no longer a dependency (issue 10); an installed copy must stay unloaded."""
+    code = "import pyrelay.app, pyrelay.cli, sys; assert 'structlog' not in sys.modules"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
