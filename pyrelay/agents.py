@@ -49,7 +49,7 @@ class FreshMessage:
 
     @property
     def state(self) -> str:
-        return "incoming"
+        return self.envelope.state  # incoming, or active when accepted claimed
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,8 +234,8 @@ class DeliveryAgents:
         entry: OpenEntry | None = None
         try:
             if isinstance(item, FreshMessage) and item.payload is not None:
-                # In memory already: only the claim.
-                if not await self._claim_fresh(item):
+                # In memory already: only the claim (none when accepted into active/).
+                if item.state != "active" and not await self._claim_fresh(item):
                     return
                 env = item.envelope
                 body: MessageBody = InMemoryBody(item.payload)

@@ -40,7 +40,9 @@ class Relay:
         self.metrics = Metrics.for_settings(settings)
         self.spool = Spool(settings.spool_dir, worker=worker)
         self.scheduler = Scheduler(settings, self.spool, self.metrics, primary=worker == 0)
-        self.listener = Listener(settings, self.spool, self.metrics, self.scheduler.submit)
+        self.listener = Listener(
+            settings, self.spool, self.metrics, self.scheduler.submit, self.scheduler.takes_fresh
+        )
         self.pool: WorkerPool | None = None
         self.http: HttpServer | None = None
         self.draining = False

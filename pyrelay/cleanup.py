@@ -248,8 +248,9 @@ class Cleanup:
             return work()
         return await asyncio.get_running_loop().run_in_executor(None, work)
 
-    async def finish(self) -> Accepted:
-        """Make the entry durable; raise ``SMTPReply`` with the reply for the client."""
+    async def finish(self, *, claimed: bool = False) -> Accepted:
+        """Make the entry durable (in ``active/`` when ``claimed``: see ``EntryWriter.commit``);
+        raise ``SMTPReply`` with the reply for the client."""
         if self.too_big:
             raise TOO_BIG
         await self._normalised(self.normalizer.end())
@@ -265,7 +266,7 @@ class Cleanup:
         if prepend and not self.writer.set_prepend(prepend):
             log.warning("dkim_signature_too_large", queue_id=self.queue_id, size=len(prepend))
             prepend = b""
-        await self.writer.commit(smtputf8=smtputf8, eightbit=self.eightbit)
+        await self.writer.commit(smtputf8=smtputf8, eightbit=self.eightbit, claimed=claimed)
         payload = self.writer.payload
         if prepend and payload is not None:
             payload = prepend + payload

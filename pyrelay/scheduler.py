@@ -82,6 +82,7 @@ class Scheduler:
             settings, spool, metrics, self.upstream, self.recorder, self._take, self.reaper
         )
         self._runner: asyncio.Task[None] | None = None
+        self._running = False
         self._wake = asyncio.Event()
         self._flushed_at: float | None = None
         self._overflow = False
@@ -116,10 +117,12 @@ class Scheduler:
 
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run_queue(), name="pyrelay-queue-runner")
+        self._running = True
         self.agents.start()
         self._wake.set()  # the first scan is the recovery of the deferred queue
 
     async def stop(self, grace: float) -> None:
+        self._running = False
         if self._timer is not None:
             self._timer.cancel()
         if self._runner is not None:
@@ -131,11 +134,20 @@ class Scheduler:
 
     # -- intake ----------------------------------------------------------------------------
 
+    def takes_fresh(self) -> bool:
+        """Whether a message accepted now would be queued in memory for its first attempt (so
+        the listener may write it straight into ``active/``, claimed)."""
+        return self._running and self.queue.qsize() < FRESH_LIMIT
+
     def submit(self, env: Envelope, payload: bytes | None) -> None:
-        """A message just became durable in ``incoming/``: deliver it as soon as an agent is
-        free.  When the active queue is full it waits on disk for a later scan."""
+        """A message just became durable in ``incoming/`` (or ``active/``, when ``takes_fresh``
+        said so): deliver it as soon as an agent is free.  When the active queue is full an
+        ``incoming/`` one waits on disk for a later scan; an ``active/`` one is ours already
+        and always queued (at most one per session past the limit)."""
         waiting = self.queue.qsize()
-        if waiting >= ACTIVE_LIMIT:
+        if env.state == "active":
+            pass
+        elif waiting >= ACTIVE_LIMIT:
             self._overflow = True
             return
         if waiting >= FRESH_LIMIT:

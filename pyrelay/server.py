@@ -608,11 +608,15 @@ class Listener:
         spool: Spool,
         metrics: Metrics,
         submit: Callable[[Envelope, bytes | None], None],
+        takes_fresh: Callable[[], bool] = lambda: False,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.metrics = metrics
         self.submit = submit
+        # Whether the scheduler will start delivering a new message at once (then it is
+        # accepted straight into active/).
+        self.takes_fresh = takes_fresh
         self.policy = Policy.from_settings(settings)
         self.servers: list[asyncio.Server] = []
         self.sessions: set[RelaySMTP] = set()
@@ -793,7 +797,7 @@ class Listener:
         )
         try:
             await read(cleanup)
-            accepted = await cleanup.finish()
+            accepted = await cleanup.finish(claimed=self.takes_fresh())
         except SpoolError as exc:
             self.metrics.rejected.labels(reason="spool").inc()
             log.error(

@@ -280,9 +280,10 @@ class Spool:
             await writer.write(chunk)
         await writer.commit(smtputf8=env.smtputf8, eightbit=env.eightbit)
 
-    def _link_new(self, tmp: Path, queue_id: str) -> None:
-        """Publish a complete, fsync'd file in ``incoming/`` and make that durable."""
-        final = self.path("incoming", queue_id)
+    def _link_new(self, tmp: Path, queue_id: str, state: str) -> None:
+        """Publish a complete, fsync'd file in ``state`` (``incoming/``, or ``active/`` when
+        this process delivers it at once) and make that durable."""
+        final = self.path(state, queue_id)
         crash_point("accept-before-link")
         # link() fails instead of replacing: an ID clash (a clock set back to a time whose IDs
         # are still queued) must not overwrite an accepted message.
@@ -290,7 +291,7 @@ class Spool:
         crash_point("accept-after-link")
         os.unlink(tmp)
         try:
-            self._dirsync["incoming"].sync()
+            self._dirsync[state].sync()
         except OSError:
             # Not durable, so not accepted: the client is told to retry.
             final.unlink(missing_ok=True)
@@ -459,9 +460,10 @@ class Spool:
         """``claim_checked`` and ``open_entry`` in one thread job per delivery (blocking): None
         when the entry is no longer in ``src``, the action of a pending request, or the open
         entry."""
-        claimed = self.claim_checked(src, queue_id)
-        if claimed is not True:
-            return claimed or None
+        if src != "active":  # else claimed already (accepted straight into active/)
+            claimed = self.claim_checked(src, queue_id)
+            if claimed is not True:
+                return claimed or None
         return self.open_entry("active", queue_id, preload=preload)
 
     def read_envelope(self, state: str, queue_id: str) -> Envelope:
@@ -627,13 +629,15 @@ class EntryWriter:
             parts = [preamble(len(self._head), 0, 0), self._head, b"\n", *parts]
         _write_all(self._fd, parts)
 
-    async def commit(self, *, smtputf8: bool, eightbit: bool) -> None:
-        """Make the entry durable in ``incoming/``; raise ``SpoolError`` (with its reply)."""
+    async def commit(self, *, smtputf8: bool, eightbit: bool, claimed: bool = False) -> None:
+        """Make the entry durable in ``incoming/``, or in ``active/`` when ``claimed`` (this
+        process delivers it at once: the claim's rename and its thread hand-off are saved);
+        raise ``SpoolError`` (with its reply)."""
         env = self.env
         env.size = self.size
         env.smtputf8 = smtputf8
         env.eightbit = eightbit
-        env.state = "incoming"
+        env.state = "active" if claimed else "incoming"
         try:
             if self.failed is not None:
                 raise self.failed
@@ -668,7 +672,7 @@ class EntryWriter:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         self._fd = None
         os.close(fd)
-        self.spool._link_new(self.tmp, self.env.queue_id)
+        self.spool._link_new(self.tmp, self.env.queue_id, self.env.state)
 
     def _discard(self) -> None:
         if self._fd is not None:

@@ -18,6 +18,7 @@ from pyrelay.spool import (
     CorruptEntry,
     EntryWriter,
     Envelope,
+    OpenEntry,
     Spool,
     _DirSync,
     new_queue_id,
@@ -268,4 +269,22 @@ async def test_small_message_is_read_with_its_envelope(tmp_path: Path) -> None:
         assert b"".join([c async for c in body.chunks()]) == b"Subject: a\r\n\r\nbody\r\n"
         assert await body.head(9) == b"Subject: "
         entry.close()
+    spool.close()
+
+
+async def test_a_claimed_commit_lands_in_active_and_is_taken_without_a_claim(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    env = Envelope(queue_id=spool.new_id(), sender="a@b.c", recipients=["x@dest.test"], arrival=1.0)
+    writer = spool.writer(env)
+    await writer.write(b"Subject: a\r\n\r\nbody\r\n")
+    await writer.commit(smtputf8=False, eightbit=False, claimed=True)
+    assert env.state == "active" and spool.find(env.queue_id) == "active"
+    assert list(spool.ids("incoming")) == [] and list((spool.root / "tmp").iterdir()) == []
+    entry = spool.take("active", env.queue_id)
+    assert isinstance(entry, OpenEntry) and entry.envelope.recipients == ["x@dest.test"]
+    entry.close()
+    assert spool.find(env.queue_id) == "active"
     spool.close()

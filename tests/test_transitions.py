@@ -23,7 +23,10 @@ POINTS = [
     ("accept-before-link", False),
     ("accept-after-link", False),
     ("accept-after-dirsync", False),
-    ("move-incoming-active", False),
+    # move-incoming-active: gone from this path.  A message this process delivers at once is
+    # accepted straight into active/ (accept-* above); the incoming -> active claim runs only
+    # for a backlog past the scheduler's FRESH_LIMIT, through the same Spool.move as
+    # move-deferred-active below.
     ("remove-after-unlink", False),
     ("defer-after-status", True),
     ("defer-after-utime", True),
