@@ -14,13 +14,16 @@ deliveries to a slow upstream are in flight.  Checked:
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
+import socket
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from procs import (
     RCPT,
@@ -35,7 +38,10 @@ from procs import (
     send_one,
 )
 
+from conftest import LogCapture, Upstream
+
 GRACE = 3.0
+SHUTTING_DOWN = b"421 4.3.2 Service shutting down, closing transmission channel\r\n"
 
 
 def idle_client(
@@ -307,3 +313,27 @@ def test_timeouts_reply_421_on_the_production_event_loop(tmp_path: Path) -> None
         if relay.alive():
             relay.kill()
         sink.stop()
+
+
+# -- connections that arrive while the listener closes ------------------------------------------
+
+
+async def test_a_connection_accepted_as_the_listener_closes_hears_the_shutdown_421(
+    upstream: Upstream, make_relay: Any, logs: LogCapture
+) -> None:
+    """A connection that the event loop accepted just before ``stop()`` closed the listener
+    has its ``connection_made`` run after it: it must hear the shutdown reply the README
+    promises, like the idle sessions, not ``421 4.7.0 too many connections from all clients``
+    (which sent operators looking for a connection limit and counted in its metric)."""
+    async with make_relay(upstream) as relay:
+        listener = relay.relay.listener
+        await listener.stop(0)
+        ours, theirs = socket.socketpair()
+        await asyncio.get_running_loop().connect_accepted_socket(listener.factory, ours)
+        reader, writer = await asyncio.open_connection(sock=theirs)
+        try:
+            said = await asyncio.wait_for(reader.read(), 5)  # everything, up to the close
+        finally:
+            writer.close()
+    assert said == SHUTTING_DOWN
+    assert not logs.has("too many connections")
