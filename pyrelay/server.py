@@ -140,6 +140,8 @@ AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication me
 AUTH_FAILED = "535 5.7.8 Error: authentication failed"
 AUTH_NOT_ENABLED = "503 5.5.1 Error: authentication not enabled"
 AUTH_OK = "235 2.7.0 Authentication successful"
+# Every client the relay turns away because it is stopping (SIGTERM, a drain) hears this.
+SHUTTING_DOWN = "421 4.3.2 Service shutting down, closing transmission channel"
 
 _SMTPCommand = Callable[[Any, str], Coroutine[Any, Any, Any]]
 
@@ -369,7 +371,7 @@ class RelaySMTP(SMTP):
 
     async def _handle_client(self) -> None:
         if self._refuse:
-            await self.push(f"421 4.7.0 {self.hostname} Error: {self._refuse}")
+            await self.push(self._refuse)
             assert self.transport is not None
             self.transport.close()
             return
@@ -564,7 +566,7 @@ class RelaySMTP(SMTP):
             self._idle.set()
             self._set_post_data_state()  # type: ignore[no-untyped-call]
         if self.listener.closing and self.transport is not None:
-            await self.push("421 4.3.2 Service shutting down, closing transmission channel")
+            await self.push(SHUTTING_DOWN)
             self.transport.close()
 
     async def _read_data(self, cleanup: Cleanup) -> None:
@@ -715,15 +717,20 @@ class Listener:
         log.info("listening", addresses=" ".join(addresses))
 
     def session_opened(self, proto: RelaySMTP) -> str | None:
-        """Register a new session; ``None``, or why it must be refused (the text of the 421)."""
-        if self.closing or len(self.sessions) >= self.settings.max_connections:
+        """Register a new session; ``None``, or the ``421`` that refuses it."""
+        if self.closing:
+            # Accepted by the event loop just before stop() closed the listener (its
+            # connection_made runs after): the same reply as the idle sessions get, not a
+            # connection limit that was never reached.
+            return SHUTTING_DOWN
+        if len(self.sessions) >= self.settings.max_connections:
             self.metrics.rejected.labels(reason="too_many_connections").inc()
             log.warning(
                 "connection_refused",
                 reason="too many connections",
                 limit=self.settings.max_connections,
             )
-            return "too many connections from all clients"
+            return f"421 4.7.0 {proto.hostname} Error: too many connections from all clients"
         ip = client_ip(proto.session) if proto.session is not None else "unknown"
         count = self.per_client.get(ip, 0)
         limit = self.settings.max_connections_per_client
@@ -735,7 +742,7 @@ class Listener:
                 reason="too many connections from this client",
                 limit=limit,
             )
-            return f"too many connections from {ip}"
+            return f"421 4.7.0 {proto.hostname} Error: too many connections from {ip}"
         self.per_client[ip] = count + 1
         self._client_of[proto] = ip
         self.sessions.add(proto)
@@ -831,14 +838,17 @@ class Listener:
     async def stop(self, grace: float) -> None:
         """Stop listening; let sessions in DATA finish within ``grace``; close the rest."""
         self.closing = True
+        # close() closes the listening sockets at once (uvloop and asyncio alike).  Linux then
+        # resets the connections still in a socket's accept queue: with SO_REUSEPORT they are
+        # not moved to another worker's socket (net.ipv4.tcp_migrate_req is off by default), so
+        # none is left waiting for a greeting.  Those the loop had already accepted are told
+        # SHUTTING_DOWN by session_opened.
         for server in self.servers:
             server.close()
         for proto in list(self.sessions):
             transport = writable(proto.transport)
             if proto._idle.is_set() and transport is not None:
-                transport.write(
-                    b"421 4.3.2 Service shutting down, closing transmission channel\r\n"
-                )
+                transport.write(SHUTTING_DOWN.encode() + b"\r\n")
                 transport.close()
         busy = [
             asyncio.ensure_future(p._idle.wait()) for p in self.sessions if not p._idle.is_set()

@@ -14,16 +14,22 @@ deliveries to a slow upstream are in flight.  Checked:
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
+import socket
+import subprocess
+import sys
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from procs import (
     RCPT,
+    REPO,
     SENDER,
     Delivery,
     RelayProc,
@@ -35,7 +41,10 @@ from procs import (
     send_one,
 )
 
+from conftest import LogCapture, Upstream
+
 GRACE = 3.0
+SHUTTING_DOWN = b"421 4.3.2 Service shutting down, closing transmission channel\r\n"
 
 
 def idle_client(
@@ -307,3 +316,111 @@ def test_timeouts_reply_421_on_the_production_event_loop(tmp_path: Path) -> None
         if relay.alive():
             relay.kill()
         sink.stop()
+
+
+# -- connections that arrive while the listener closes ------------------------------------------
+
+
+async def test_a_connection_accepted_as_the_listener_closes_hears_the_shutdown_421(
+    upstream: Upstream, make_relay: Any, logs: LogCapture
+) -> None:
+    """A connection that the event loop accepted just before ``stop()`` closed the listener
+    has its ``connection_made`` run after it: it must hear the shutdown reply the README
+    promises, like the idle sessions, not ``421 4.7.0 too many connections from all clients``
+    (which sent operators looking for a connection limit and counted in its metric)."""
+    async with make_relay(upstream) as relay:
+        listener = relay.relay.listener
+        await listener.stop(0)
+        ours, theirs = socket.socketpair()
+        await asyncio.get_running_loop().connect_accepted_socket(listener.factory, ours)
+        reader, writer = await asyncio.open_connection(sock=theirs)
+        try:
+            said = await asyncio.wait_for(reader.read(), 5)  # everything, up to the close
+        finally:
+            writer.close()
+    assert said == SHUTTING_DOWN
+    assert not logs.has("too many connections")
+
+
+def _knock(port: int, stop: threading.Event, seen: list[tuple[str, float]]) -> None:
+    """Connect again and again; note what each connection heard first and how long it took."""
+    while not stop.is_set():
+        started = time.monotonic()
+        with socket.socket() as sock:
+            sock.settimeout(3.0)
+            try:
+                sock.connect(("127.0.0.1", port))
+                first = sock.recv(200).split(b"\r\n", 1)[0]  # a 421 may follow the 220
+                heard = first.decode(errors="replace") if first else "closed"
+                if first.startswith(b"220"):
+                    sock.sendall(b"QUIT\r\n")
+            except TimeoutError:
+                heard = "silent"
+            except OSError as exc:
+                heard = type(exc).__name__
+        seen.append((heard, time.monotonic() - started))
+        if heard == "ConnectionRefusedError":
+            time.sleep(0.005)
+
+
+def test_no_connection_waits_in_silence_while_a_drain_closes_the_listener(
+    tmp_path: Path,
+) -> None:
+    """Two worker processes share the port (SO_REUSEPORT); clients keep connecting while a
+    drain closes both listeners.  Every connection is greeted (``220``), told the shutdown
+    ``421``, reset (it was still in the kernel's accept queue of a closing socket: Linux
+    resets those, nothing migrates them to another worker) or refused, promptly: none waits
+    for a greeting that never comes (a client would sit out its whole timeout)."""
+    sink = SinkProc(tmp_path / "sink")
+    port = free_port()
+    env = relay_env(
+        relay_port=port,
+        sink_port=sink.port,
+        spool=tmp_path / "spool",
+        PYRELAY_WORKERS="2",
+        PYRELAY_DRAIN_GRACE="0.2s",
+    )
+    relay = RelayProc(env).start()
+    stop = threading.Event()
+    seen: list[tuple[str, float]] = []
+    knockers = [
+        threading.Thread(target=_knock, args=(port, stop, seen), daemon=True) for _ in range(6)
+    ]
+    try:
+        relay.wait_started()
+        for t in knockers:
+            t.start()
+        time.sleep(0.5)
+        done = subprocess.run(
+            [sys.executable, "-m", "pyrelay", "drain", "--timeout", "1"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert relay.wait(10) == 0
+        time.sleep(0.3)  # and after the exit: refused
+    finally:
+        stop.set()
+        for t in knockers:
+            t.join(10)
+        relay.kill()
+        sink.stop()
+    heard = Counter(h for h, _ in seen)
+    print("connections during a drain:", dict(heard))
+    assert heard["220 relay.test ESMTP pyrelay"] > 20, heard
+    assert heard["ConnectionRefusedError"] > 0, heard  # the listener did close meanwhile
+    allowed = {
+        "220 relay.test ESMTP pyrelay",
+        SHUTTING_DOWN.decode().strip(),
+        "closed",
+        "ConnectionResetError",
+        "ConnectionRefusedError",
+    }
+    assert set(heard) <= allowed, heard
+    # A silent connection shows as "silent" (3 s); a SYN that races the close of a listening
+    # socket is dropped by the kernel and sent again after 1 s, which is not silence.
+    slow = sorted(t for _, t in seen if t > 2.0)
+    assert slow == [], slow
