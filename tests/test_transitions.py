@@ -56,6 +56,7 @@ def test_crash_at_every_transition_step_loses_and_duplicates_nothing(
     spool = tmp_path / "spool"
     port = free_port()
     env = relay_env(relay_port=port, sink_port=sink.port, spool=spool, PYRELAY_WORKERS="1")
+    first = None
     try:
         sink.set_defer(defer_first)
         first = RelayProc({**env, "PYRELAY_CRASH_AT": point}).start()
@@ -102,4 +103,6 @@ def test_crash_at_every_transition_step_loses_and_duplicates_nothing(
         assert os.listdir(spool / "status") == [], "status files of finished entries remain"
         print(f"\n{point}: accepted={len(accepted)} delivered={len(delivered)} dup=0 lost=0")
     finally:
+        if first is not None and first.alive():  # it never reached the point: no orphan
+            first.kill()
         sink.stop()
