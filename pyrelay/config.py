@@ -1,7 +1,7 @@
 """Settings from the environment (and a ``.env`` file only when ``PYRELAY_ENV_FILE`` names one).
 
 A small declarative loader rather than pydantic-settings: that library and pydantic cost every
-relay process about 14 MB of memory at rest, for what is a table of parsers (issue 10).
+relay process about 12 MB of memory at rest, for what is a table of parsers (issue 10).
 
 Names from the Postfix container (boky/postfix) keep their names; pyrelay's own settings use the
 ``PYRELAY_`` prefix.  Building ``Settings`` parses and validates, and does the little I/O that

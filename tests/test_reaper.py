@@ -158,7 +158,7 @@ async def test_log_lines_of_one_loop_pass_go_out_in_one_write() -> None:
 
     stream = CoalescedStream(Sink())
     for i in range(100):
-        print(f"line {i}", file=stream, flush=True)  # what structlog's PrintLogger does
+        print(f"line {i}", file=stream, flush=True)  # what a print(..., flush=True) logger does
     assert writes == []  # nothing until the pass ends
     await asyncio.sleep(0)
     assert len(writes) == 1 and writes[0].count("\n") == 100

@@ -35,7 +35,7 @@ def scan_everything(logs: LogCapture, caplog: pytest.LogCaptureFixture, spool: P
     """Assert the secret is nowhere; return how many lines/records/files were scanned."""
     scanned = 0
     for line in logs.lines():
-        assert_no_secret(line, "a structlog line")
+        assert_no_secret(line, "a log line")
         scanned += 1
     for record in caplog.records:
         assert_no_secret(record.getMessage(), f"a {record.name} log record")
