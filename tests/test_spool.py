@@ -288,3 +288,26 @@ async def test_a_claimed_commit_lands_in_active_and_is_taken_without_a_claim(
     entry.close()
     assert spool.find(env.queue_id) == "active"
     spool.close()
+
+
+@pytest.mark.parametrize("size", [100, 60 * 1024, 200 * 1024])
+async def test_commit_publishes_every_size_and_leaves_no_tmp(tmp_path: Path, size: int) -> None:
+    """Three ways to the same entry: written from the event loop (up to INLINE_WRITE), in the
+    commit's thread job (up to SPILL), or spilled while it arrived."""
+    assert 100 < EntryWriter.INLINE_WRITE < 60 * 1024 < EntryWriter.SPILL < 200 * 1024
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    env = Envelope(queue_id=spool.new_id(), sender="a@b.c", recipients=["x@dest.test"], arrival=1.0)
+    writer = spool.writer(env)
+    body = (b"y" * 998 + b"\r\n") * (size // 1000) + b"z" * (size % 1000)
+    for i in range(0, len(body), 7000):
+        await writer.write(body[i : i + 7000])
+    await writer.commit(smtputf8=False, eightbit=False)
+    assert writer._fd is None
+    assert list((spool.root / "tmp").iterdir()) == []
+    entry = spool.open_entry("incoming", env.queue_id)
+    assert entry.envelope.size == len(body)
+    assert spool.read_message(entry, 0, len(body)) == body
+    entry.close()
+    assert (writer.payload is None) == (size > EntryWriter.SPILL)
+    spool.close()
