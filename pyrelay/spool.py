@@ -656,9 +656,12 @@ class EntryWriter:
                 self._create(parts)
             await self.spool.run(self._commit, parts)
             if self._fd is not None:  # created from the loop: its close and tmp name too
-                os.close(self._fd)
-                self._fd = None
-                with contextlib.suppress(OSError):  # harmless: start-up cleans tmp/
+                fd, self._fd = self._fd, None
+                # Published and durable already: neither may turn the 250 into an error
+                # (a leftover tmp/ name is removed at the next start).
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                with contextlib.suppress(OSError):
                     os.unlink(self.tmp)
         except OSError as exc:
             await self.spool.run(self._discard)
