@@ -13,11 +13,12 @@ Stages, per message: ``data_to_250`` = t1 - t0 (what the client waits for: clean
 write, fsync of file and directory, reply); ``250_to_upstream_mail`` = t2 - t1 (scheduling: the
 queue manager taking the message, an upstream connection, for Postfix also qmgr and smtp process
 wake-ups); ``upstream_transaction`` = t3 - t2 (MAIL … end of DATA at the upstream, round trips
-included); ``data_to_upstream`` = t3 - t0 (end to end).  ``t1`` comes before ``t2`` only if the
-relay answers the client before it starts delivering, which both do.  p50 and p99 of each, per
-relay and per client count; runs interleaved.  Before the runs, the script times what the spool
-disk itself costs: write 5 KB + fsync, then fsync of the directory (p50/p99), the floor under
-``data_to_250`` for both relays.
+included); ``data_to_upstream`` = t3 - t0 (end to end).  pyrelay queues the message for delivery in
+the same event-loop pass that writes the ``250``, so its ``250_to_upstream_mail`` can be about 0
+(or a little negative: the upstream's MAIL arrived before the client read its ``250``).  p50 and
+p99 of each, per relay and per client count; runs interleaved.  Before the runs, the script times
+what the spool disk itself costs: write 5 KB + fsync, then fsync of the directory (p50/p99), the
+floor under ``data_to_250`` for both relays.
 
     python bench/latency.py                     # 1 and 10 clients, 1000 messages, 3 repeats
     python bench/latency.py -c 1,10 -n 2000 -r 5
