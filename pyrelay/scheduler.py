@@ -145,14 +145,16 @@ class Scheduler:
         ``incoming/`` one waits on disk for a later scan; an ``active/`` one is ours already
         and always queued (at most one per session past the limit)."""
         waiting = self.queue.qsize()
-        if env.state == "active":
-            pass
-        elif waiting >= ACTIVE_LIMIT:
-            self._overflow = True
-            return
-        if waiting >= FRESH_LIMIT:
-            self._enqueue([env.queue_id], "incoming")
-            return
+        # Other sessions may have filled the queue between takes_fresh and now (the commit
+        # waits for the disk): an active/ entry is queued all the same, or nobody would claim
+        # it before the next start.
+        if env.state != "active":
+            if waiting >= ACTIVE_LIMIT:
+                self._overflow = True
+                return
+            if waiting >= FRESH_LIMIT:
+                self._enqueue([env.queue_id], "incoming")
+                return
         if payload is not None:
             if self._payload + len(payload) > PAYLOAD_BUDGET:
                 payload = None

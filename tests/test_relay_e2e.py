@@ -248,3 +248,28 @@ async def test_a_fresh_message_is_accepted_straight_into_active(
             what="the entries' removal",
         )
     assert claims == []
+
+
+async def test_a_message_accepted_into_active_is_delivered_when_the_queue_filled_meanwhile(
+    upstream: Upstream, make_relay: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``takes_fresh`` is asked when DATA ends; other sessions' messages can fill the queue
+    past ``FRESH_LIMIT`` before this one is committed.  It is in ``active/`` by then and must be
+    queued in memory anyway: sent to the backlog as an ``incoming/`` entry, its claim found
+    nothing and it stayed undelivered until the next start.  The race is made certain here:
+    ``takes_fresh`` ignores the limit, the limit is 1, one agent delivers."""
+    from pyrelay import scheduler
+    from pyrelay.scheduler import Scheduler
+
+    monkeypatch.setattr(scheduler, "FRESH_LIMIT", 1)
+    monkeypatch.setattr(Scheduler, "takes_fresh", lambda self: self._running)
+    async with make_relay(upstream, concurrency=1) as relay:
+
+        def send(i: int) -> dict[str, Any]:
+            return relay.send("app@example.org", [f"r{i}@dest.test"], MESSAGE)
+
+        results = await asyncio.gather(*(asyncio.to_thread(send, i) for i in range(10)))
+        assert all(r == {} for r in results)
+        await wait_until(lambda: len(upstream.state.messages) == 10, what="every delivery")
+        spool = relay.relay.spool
+        await wait_until(lambda: not list(spool.ids("active")), what="active/ emptied")
