@@ -592,7 +592,6 @@ class EntryWriter:
         self._buffer: list[Chunk] = []
         self._buffered = 0
         self._fd: int | None = None
-        self._written = False  # by _create: the whole message, header included
         self.size = 0
         self.failed: OSError | None = None
         # The whole message when it never spilled: kept for its first delivery attempt.
@@ -652,11 +651,13 @@ class EntryWriter:
             if self.failed is not None:
                 raise self.failed
             parts = self._take()
-            if self._fd is None and self.size <= self.INLINE_WRITE:
+            inline = self._fd is None and self.size <= self.INLINE_WRITE
+            if inline:
                 self._create(parts)
-            await self.spool.run(self._commit, parts)
-            if self._fd is not None:  # created from the loop: its close and tmp name too
+            await self.spool.run(self._commit, parts, inline)
+            if inline:  # created from the loop: its close and tmp name too
                 fd, self._fd = self._fd, None
+                assert fd is not None
                 # Published and durable already: neither may turn the 250 into an error
                 # (a leftover tmp/ name is removed at the next start).
                 with contextlib.suppress(OSError):
@@ -676,32 +677,29 @@ class EntryWriter:
         self._fd = fd
         payload = parts[0] if len(parts) == 1 else b"".join(parts)
         self.payload = bytes(payload)
-        self._written = True
         _write_all(fd, [encode_header(self.env), payload])
 
-    def _commit(self, parts: list[Chunk]) -> None:
+    def _commit(self, parts: list[Chunk], inline: bool) -> None:
+        """In a spool thread: write what is not written yet, fsync, publish.  ``inline``: the
+        file was created and written from the loop, which also closes it afterwards."""
         flags = (FLAG_SMTPUTF8 if self.env.smtputf8 else 0) | (
             FLAG_8BIT if self.env.eightbit else 0
         )
-        if self._fd is None:
+        if self._fd is None:  # too large to write from the loop, too small to have spilled
             self._create(parts)
-            fd = self._fd
-            assert fd is not None
-        elif self._written:
-            fd = self._fd
-        else:
-            fd = self._fd
-            _write_all(fd, parts)
+        elif not inline:  # spilled while it arrived: the rest, then the final header
+            _write_all(self._fd, parts)
             head = self._head
             if self.env.prepend:
                 head = self.env.immutable_json().ljust(len(head))
-            os.pwrite(fd, preamble(len(head), self.size, flags) + head, 0)
+            os.pwrite(self._fd, preamble(len(head), self.size, flags) + head, 0)
+        fd = self._fd
+        assert fd is not None
         os.fsync(fd)
         if self.size > self.SPILL:
             # The bytes are on disk now; do not let a large message's page cache count
             # against the container's memory limit.
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        inline = self._written and self.size <= self.INLINE_WRITE
         if not inline:
             self._fd = None
             os.close(fd)
