@@ -256,7 +256,9 @@ def _int(low: int, high: int | None = None) -> Callable[[object], int]:
     return parse
 
 
-def _choice(kind: type[E]) -> Callable[[object], E]:
+def parse_choice(kind: type[E]) -> Callable[[object], E]:
+    """A parser for one of ``kind``'s values, case-insensitive (settings, the routes file)."""
+
     def parse(value: object) -> E:
         if isinstance(value, kind):
             return value
@@ -449,7 +451,7 @@ class Settings:
     )
     routes_file: Path | None = setting("PYRELAY_ROUTES_FILE", default=None, parse=_path)
     delivery: DeliveryMode = setting(
-        "PYRELAY_DELIVERY", default=DeliveryMode.RELAY, parse=_choice(DeliveryMode)
+        "PYRELAY_DELIVERY", default=DeliveryMode.RELAY, parse=parse_choice(DeliveryMode)
     )
     dns_servers: tuple[HostPort, ...] = setting(
         "PYRELAY_DNS_SERVERS", default=(), parse=_dns_servers
@@ -459,7 +461,7 @@ class Settings:
         "RELAYHOST_TLS_LEVEL",
         "POSTFIX_smtp_tls_security_level",
         default=TLSLevel.SECURE,
-        parse=_choice(TLSLevel),
+        parse=parse_choice(TLSLevel),
     )
     tls_ca_file: Path | None = setting("RELAYHOST_TLS_CA_FILE", default=None, parse=_path)
 
@@ -493,7 +495,7 @@ class Settings:
         "PYRELAY_SMTPD_TLS_LEVEL",
         "POSTFIX_smtpd_tls_security_level",
         default=None,
-        parse=_choice(SmtpdTLSLevel),
+        parse=parse_choice(SmtpdTLSLevel),
     )
     tls_cert_file: Path | None = setting(
         "PYRELAY_TLS_CERT_FILE", "POSTFIX_smtpd_tls_cert_file", default=None, parse=_path
@@ -514,7 +516,7 @@ class Settings:
         "PYRELAY_QUEUE_LIFETIME", default=5 * 86400.0, parse=parse_duration
     )
     log_format: LogFormat = setting(
-        "PYRELAY_LOG_FORMAT", default=LogFormat.CONSOLE, parse=_choice(LogFormat)
+        "PYRELAY_LOG_FORMAT", default=LogFormat.CONSOLE, parse=parse_choice(LogFormat)
     )
     log_level: str = setting("PYRELAY_LOG_LEVEL", default="info", parse=_log_level)
     # /metrics, /healthz, /readyz (pyrelay.http); PYRELAY_METRICS_LISTEN is the older name.

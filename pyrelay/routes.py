@@ -30,7 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pyrelay.config import HostPort, Settings, TLSLevel, normalize_domain, parse_host_port
+from pyrelay.config import (
+    HostPort,
+    Settings,
+    TLSLevel,
+    normalize_domain,
+    parse_choice,
+    parse_host_port,
+)
 from pyrelay.domains import try_ascii
 from pyrelay.errors import ConfigError
 from pyrelay.logging import get_logger
@@ -207,11 +214,7 @@ def _value(key: str, value: Any) -> object:
     elif key == "rate":
         parse_rate(value)
     elif key == "tls_level":
-        try:
-            return TLSLevel(value.strip().lower())
-        except ValueError:
-            allowed = ", ".join(level.value for level in TLSLevel)
-            raise ValueError(f"invalid value {value!r} (use one of {allowed})") from None
+        return parse_choice(TLSLevel)(value)
     elif key in _SECRET_KEYS:
         return SecretStr(value)
     elif key in _PATH_KEYS:
