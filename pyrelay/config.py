@@ -346,8 +346,6 @@ def _masquerade(value: object) -> tuple[str, ...]:
 
 
 def _mynetworks(value: object) -> tuple[IPNetwork, ...]:
-    if isinstance(value, tuple) and all(isinstance(v, IPNetwork) for v in value):
-        return value
     nets = []
     for item in split_list(value):
         text = str(item).replace("[", "").replace("]", "")
