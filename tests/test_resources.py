@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 import os
 import subprocess
 import sys
@@ -250,3 +252,63 @@ def test_clock_jump_does_not_stall_retries(tmp_path: Path, sink: SinkProc) -> No
         assert sorted(d.test_id for d in sink.deliveries()) == sorted(ids)
         assert late <= max_backoff + 1.0, late
         print(f"\nclock-jump: entries={len(ids)} all_retried_within={late:.2f}s")
+
+
+async def test_no_per_connection_objects_outlive_their_connections(
+    upstream: Any, make_relay: Any
+) -> None:
+    """Issue 10, memory at rest: after sessions of every kind are over (a full transaction, a
+    client gone in the middle of DATA, one that only said EHLO, one refused at RCPT), the
+    listener keeps no per-connection state and no session object is left alive."""
+    # Records of stdlib logging (aiosmtpd's, asyncio's) that carry an exception keep its
+    # traceback, and with it the frames of the session that raised it; pytest's log capture
+    # holds them until the test ends, a production handler writes and drops them. The relay
+    # itself is what is measured here, so nothing is logged through stdlib logging meanwhile.
+    logging.disable(logging.CRITICAL)
+    try:
+        await _no_per_connection_objects(upstream, make_relay)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+async def _no_per_connection_objects(upstream: Any, make_relay: Any) -> None:
+    import gc
+    import socket
+
+    from conftest import MESSAGE, wait_until
+    from pyrelay.server import RelaySMTP
+
+    def sessions_alive() -> int:
+        gc.collect()
+        return sum(isinstance(o, RelaySMTP) for o in gc.get_objects())
+
+    async with make_relay(upstream) as relay:
+        listener = relay.relay.listener
+        for i in range(5):
+            assert await relay.asend("app@example.org", [f"r{i}@dest.test"], MESSAGE) == {}
+
+        def hostile() -> None:
+            for _ in range(5):
+                with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
+                    s.recv(1024)
+                    s.sendall(b"EHLO x\r\nMAIL FROM:<app@example.org>\r\nRCPT TO:<a@dest.test>\r\n")
+                    s.sendall(b"DATA\r\n")
+                    s.recv(4096)
+                    s.sendall(b"Subject: cut\r\n\r\npart of a body")  # and gone
+                with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
+                    s.recv(1024)
+                    s.sendall(b"EHLO x\r\n")
+                    s.recv(1024)
+                with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
+                    s.recv(1024)
+                    s.sendall(b"EHLO x\r\nMAIL FROM:<spam@elsewhere.test>\r\nQUIT\r\n")
+                    s.recv(4096)
+
+        await asyncio.to_thread(hostile)
+        await wait_until(
+            lambda: not listener.sessions and not listener.per_client, what="sessions closed"
+        )
+        assert listener._client_of == {}
+        # Only the listener's template (built at the first connection) may remain.
+        await wait_until(lambda: sessions_alive() <= 1, what="session objects freed")
+        assert all(o is listener.template for o in gc.get_objects() if isinstance(o, RelaySMTP))
