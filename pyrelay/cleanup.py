@@ -33,8 +33,11 @@ _BLANK = b"\r\n\r\n"
 
 log = get_logger("pyrelay.cleanup")
 
-TOO_BIG = SMTPReply(552, "5.3.4", "Message size exceeds fixed limit")
-TOO_MANY_HOPS = SMTPReply(554, "5.4.6", "Too many hops")
+# Reply arguments, not exception instances: a module-level exception that is raised keeps the
+# traceback of its last raise, and with it the frames of the session that raised it (its
+# buffers, its transport) for as long as the process lives.
+TOO_BIG = (552, "5.3.4", "Message size exceeds fixed limit")
+TOO_MANY_HOPS = (554, "5.4.6", "Too many hops")
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,14 +255,14 @@ class Cleanup:
         """Make the entry durable (in ``active/`` when ``claimed``: see ``EntryWriter.commit``);
         raise ``SMTPReply`` with the reply for the client."""
         if self.too_big:
-            raise TOO_BIG
+            raise SMTPReply(*TOO_BIG)
         await self._normalised(self.normalizer.end())
         if self._collecting:
             # The message ended inside its header block (no body).
             await self._headers_done(bytes(self._header))
         if self.hops > HOPCOUNT_LIMIT:
             await self.writer.abort()
-            raise TOO_MANY_HOPS
+            raise SMTPReply(*TOO_MANY_HOPS)
         # Postfix downgrades an all-ASCII message sent with SMTPUTF8 (RFC 6531 3.4).
         smtputf8 = self.utf8_envelope or self.utf8_headers
         prepend = await self._dkim_sign()
