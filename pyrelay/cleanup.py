@@ -125,6 +125,7 @@ class Cleanup:
         )
         self.signer: dkim.Signer | None = signer if signer.domains else None
         self._signed_head: bytes | None = None
+        self._prepend = b""  # DKIM-Signature fields, once signed
         self._body_hash: dkim.BodyHash | None = None
 
     @property
@@ -269,11 +270,21 @@ class Cleanup:
         if prepend and not self.writer.set_prepend(prepend):
             log.warning("dkim_signature_too_large", queue_id=self.queue_id, size=len(prepend))
             prepend = b""
+        self._prepend = prepend
         await self.writer.commit(smtputf8=smtputf8, eightbit=self.eightbit, claimed=claimed)
+        return self.accepted()
+
+    def accepted(self) -> Accepted:
+        """The entry ``finish`` made durable (also when its caller was cancelled meanwhile:
+        ``published``)."""
         payload = self.writer.payload
-        if prepend and payload is not None:
-            payload = prepend + payload
+        if self._prepend and payload is not None:
+            payload = self._prepend + payload
         return Accepted(self.envelope, payload)
+
+    @property
+    def published(self) -> bool:
+        return self.writer.published
 
     async def abort(self) -> None:
         await self.writer.abort()

@@ -17,7 +17,7 @@ from aiosmtpd.smtp import SMTP, AuthResult
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 from aiosmtpd.smtp import Session as SMTPSession
 
-from pyrelay.cleanup import Cleanup, Sender
+from pyrelay.cleanup import Accepted, Cleanup, Sender
 from pyrelay.config import Settings, SmtpdTLSLevel
 from pyrelay.errors import SMTPReply, SpoolError
 from pyrelay.logging import get_logger
@@ -816,13 +816,36 @@ class Listener:
             self.rejected(session, reason, exc.reply)
             return exc.reply
         except BaseException:
-            await cleanup.abort()
+            if cleanup.published:
+                # The client was gone (or the relay stopping) by the time its message was on
+                # disk: accepted all the same and delivered, as Postfix does once cleanup has
+                # committed; a client that did not hear the 250 may send it again.
+                self._queued(cleanup, ip, user, note="client gone before the reply")
+            else:
+                await cleanup.abort()
             raise
+        env = self._queued(cleanup, ip, user, accepted=accepted)
+        return f"250 2.0.0 Ok: queued as {env.queue_id}"
+
+    def _queued(
+        self,
+        cleanup: Cleanup,
+        ip: str,
+        user: User | None,
+        *,
+        accepted: Accepted | None = None,
+        note: str = "",
+    ) -> Envelope:
+        """Log a durable entry as ``queued`` and hand it to the scheduler."""
+        if accepted is None:
+            accepted = cleanup.accepted()
         if cleanup.normalizer.dirty:
             log.warning("bare_newline_normalized", queue_id=cleanup.queue_id, client=ip)
         env = accepted.envelope
         self.metrics.received.inc()
-        extra = {"sasl_username": user.name} if user else {}
+        extra: dict[str, str] = {"sasl_username": user.name} if user else {}
+        if note:
+            extra["note"] = note
         log.info(
             "queued",
             queue_id=env.queue_id,
@@ -833,7 +856,7 @@ class Listener:
             **extra,
         )
         self.submit(env, accepted.payload)
-        return f"250 2.0.0 Ok: queued as {env.queue_id}"
+        return env
 
     async def stop(self, grace: float) -> None:
         """Stop listening; let sessions in DATA finish within ``grace``; close the rest."""

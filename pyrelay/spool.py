@@ -41,6 +41,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from pyrelay.errors import SpoolFullError, SpoolWriteError
 from pyrelay.queuefile import (
@@ -161,6 +162,117 @@ class _DirSync:
                 self._cond.notify_all()
 
 
+class _Publisher:
+    """Makes small new entries durable in batches, from one spool thread at a time.
+
+    A message written from the event loop needs only its fsync, its link into ``incoming/`` or
+    ``active/`` and its directory's fsync.  As one thread job per message that cost a hand-off
+    to the thread, a GIL hand-over around each of those system calls while the loop ran Python,
+    and a wake-up of the loop.  Here the messages whose DATA ended while a batch was on disk go
+    together in the next one: each file's fsync (after the first, the journal commit has
+    usually covered the rest), their links, one fsync per directory, one wake-up of the loop.
+    Nothing waits for a batch to fill: with nothing on disk, a message's batch starts at once.
+    """
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+        self._lock = threading.Lock()
+        self._pending: list[tuple[EntryWriter, asyncio.Future[None]]] = []
+        self._busy = False
+
+    def submit(self, writer: EntryWriter) -> asyncio.Future[None]:
+        """Queue an entry written from the loop; the future ends once it is durable, or with
+        the ``OSError`` that kept it from being so.  The file is the thread's until then."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            self._pending.append((writer, done))
+            start, self._busy = not self._busy, True
+        if start:
+            try:
+                self._spool.executor.submit(self._run, loop)
+            except RuntimeError:  # the executor is shut down: later commits must not wait
+                with self._lock:
+                    self._pending.clear()
+                    self._busy = False
+                raise
+        return done
+
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            with self._lock:
+                batch, self._pending = self._pending, []
+                if not batch:
+                    self._busy = False
+                    return
+            errors: list[BaseException | None]
+            try:
+                errors = list(self._publish([writer for writer, _ in batch]))
+            except BaseException as exc:  # a bug must not leave every later commit waiting
+                errors = [exc] * len(batch)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, batch, errors)
+
+    def _publish(self, writers: list[EntryWriter]) -> list[OSError | None]:
+        errors: list[OSError | None] = [None] * len(writers)
+        for i, writer in enumerate(writers):
+            try:
+                assert writer._fd is not None
+                os.fsync(writer._fd)
+            except OSError as exc:
+                errors[i] = exc
+        linked: dict[str, list[int]] = {}
+        for i, writer in enumerate(writers):
+            if errors[i] is None:
+                try:
+                    self._spool._link(writer.tmp, writer.env.queue_id, writer.env.state)
+                    linked.setdefault(writer.env.state, []).append(i)
+                except OSError as exc:
+                    errors[i] = exc
+        for state, published in linked.items():
+            try:
+                self._spool._dirsync[state].sync()
+            except OSError as exc:
+                # Not durable, so not accepted: each client is told to retry.
+                for i in published:
+                    errors[i] = exc
+                    with contextlib.suppress(OSError):
+                        self._spool.path(state, writers[i].env.queue_id).unlink()
+                continue
+            for _ in published:
+                crash_point("accept-after-dirsync")
+        return errors
+
+
+T = TypeVar("T")
+
+
+async def outlive_cancel(job: asyncio.Future[T]) -> T:
+    """Await a spool thread job to its end even if the caller is cancelled meanwhile (a client
+    gone while its message goes to disk), then re-raise the cancellation.  The job's files are
+    the thread's until it ends, and whether the entry was published is known only then."""
+    cancelled = False
+    while not job.done():
+        try:
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            cancelled = True
+    result = job.result()
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+def _settle(
+    batch: list[tuple[EntryWriter, asyncio.Future[None]]], errors: list[BaseException | None]
+) -> None:
+    for (_, done), error in zip(batch, errors, strict=True):
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -244,6 +356,7 @@ class Spool:
         self.worker = worker
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="spool")
         self._dirsync = {name: _DirSync(self.root / name) for name in (*STATES, "status")}
+        self.publisher = _Publisher(self)
 
     def new_id(self) -> str:
         return new_queue_id(self.worker)
@@ -280,18 +393,11 @@ class Spool:
             await writer.write(chunk)
         await writer.commit(smtputf8=env.smtputf8, eightbit=env.eightbit)
 
-    def _link_new(self, tmp: Path, queue_id: str, state: str, *, keep_tmp: bool = False) -> None:
+    def _link_new(self, tmp: Path, queue_id: str, state: str) -> None:
         """Publish a complete, fsync'd file in ``state`` (``incoming/``, or ``active/`` when
-        this process delivers it at once) and make that durable.  ``keep_tmp``: the caller
-        unlinks the ``tmp/`` name (from the event loop)."""
-        final = self.path(state, queue_id)
-        crash_point("accept-before-link")
-        # link() fails instead of replacing: an ID clash (a clock set back to a time whose IDs
-        # are still queued) must not overwrite an accepted message.
-        os.link(tmp, final)
-        crash_point("accept-after-link")
-        if not keep_tmp:
-            os.unlink(tmp)
+        this process delivers it at once) and make that durable."""
+        final = self._link(tmp, queue_id, state)
+        os.unlink(tmp)
         try:
             self._dirsync[state].sync()
         except OSError:
@@ -299,6 +405,16 @@ class Spool:
             final.unlink(missing_ok=True)
             raise
         crash_point("accept-after-dirsync")
+
+    def _link(self, tmp: Path, queue_id: str, state: str) -> Path:
+        """Give a complete, fsync'd ``tmp/`` file its name in ``state`` (not yet durable)."""
+        final = self.path(state, queue_id)
+        crash_point("accept-before-link")
+        # link() fails instead of replacing: an ID clash (a clock set back to a time whose IDs
+        # are still queued) must not overwrite an accepted message.
+        os.link(tmp, final)
+        crash_point("accept-after-link")
+        return final
 
     # -- transitions -------------------------------------------------------------------------
 
@@ -596,6 +712,8 @@ class EntryWriter:
         self.failed: OSError | None = None
         # The whole message when it never spilled: kept for its first delivery attempt.
         self.payload: bytes | None = None
+        # Durable in the spool: accepted, even if the client is gone before hearing so.
+        self.published = False
 
     async def write(self, chunk: Chunk) -> None:
         """Append message bytes.  A write error is remembered and reported by ``commit`` (the
@@ -641,12 +759,15 @@ class EntryWriter:
     async def commit(self, *, smtputf8: bool, eightbit: bool, claimed: bool = False) -> None:
         """Make the entry durable in ``incoming/``, or in ``active/`` when ``claimed`` (this
         process delivers it at once: the claim's rename and its thread hand-off are saved);
-        raise ``SpoolError`` (with its reply)."""
+        raise ``SpoolError`` (with its reply).  A caller cancelled meanwhile gets its
+        ``CancelledError`` once the outcome is known, with ``published`` saying whether the
+        entry is accepted all the same."""
         env = self.env
         env.size = self.size
         env.smtputf8 = smtputf8
         env.eightbit = eightbit
         env.state = "active" if claimed else "incoming"
+        inline = False
         try:
             if self.failed is not None:
                 raise self.failed
@@ -654,21 +775,32 @@ class EntryWriter:
             inline = self._fd is None and self.size <= self.INLINE_WRITE
             if inline:
                 self._create(parts)
-            await self.spool.run(self._commit, parts, inline)
-            if inline:  # created from the loop: its close and tmp name too
-                fd, self._fd = self._fd, None
-                assert fd is not None
-                # Published and durable already: neither may turn the 250 into an error
-                # (a leftover tmp/ name is removed at the next start).
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-                with contextlib.suppress(OSError):
-                    os.unlink(self.tmp)
+                job = self.spool.publisher.submit(self)
+            else:
+                loop = asyncio.get_running_loop()
+                job = loop.run_in_executor(self.spool.executor, self._commit, parts)
+            await outlive_cancel(job)
         except OSError as exc:
             await self.spool.run(self._discard)
             if exc.errno in _FULL_ERRNOS:
                 raise SpoolFullError() from exc
             raise SpoolWriteError() from exc
+        except asyncio.CancelledError:
+            self._published(inline)
+            raise
+        self._published(inline)
+
+    def _published(self, inline: bool) -> None:
+        self.published = True
+        if inline:  # created from the loop: its close and tmp/ name too
+            fd, self._fd = self._fd, None
+            assert fd is not None
+            # Published and durable already: neither may turn the 250 into an error (a
+            # leftover tmp/ name is removed at the next start).
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
 
     def _create(self, parts: list[Chunk]) -> None:
         """Create and write a small message's file (from the event loop for one up to
@@ -679,15 +811,15 @@ class EntryWriter:
         self.payload = bytes(payload)
         _write_all(fd, [encode_header(self.env), payload])
 
-    def _commit(self, parts: list[Chunk], inline: bool) -> None:
-        """In a spool thread: write what is not written yet, fsync, publish.  ``inline``: the
-        file was created and written from the loop, which also closes it afterwards."""
+    def _commit(self, parts: list[Chunk]) -> None:
+        """In a spool thread, for a message too large to be written from the loop: write what
+        is not written yet, fsync, publish."""
         flags = (FLAG_SMTPUTF8 if self.env.smtputf8 else 0) | (
             FLAG_8BIT if self.env.eightbit else 0
         )
         if self._fd is None:  # too large to write from the loop, too small to have spilled
             self._create(parts)
-        elif not inline:  # spilled while it arrived: the rest, then the final header
+        else:  # spilled while it arrived: the rest, then the final header
             _write_all(self._fd, parts)
             head = self._head
             if self.env.prepend:
@@ -700,10 +832,9 @@ class EntryWriter:
             # The bytes are on disk now; do not let a large message's page cache count
             # against the container's memory limit.
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        if not inline:
-            self._fd = None
-            os.close(fd)
-        self.spool._link_new(self.tmp, self.env.queue_id, self.env.state, keep_tmp=inline)
+        self._fd = None
+        os.close(fd)
+        self.spool._link_new(self.tmp, self.env.queue_id, self.env.state)
 
     def _discard(self) -> None:
         if self._fd is not None:

@@ -473,6 +473,47 @@ async def test_unterminated_data_then_disconnect_queues_nothing(
     assert upstream.state.messages[0].rcpt_tos == ["ok@dest.test"]
 
 
+async def test_a_client_gone_while_its_message_goes_to_disk_still_gets_it_delivered(
+    upstream: Upstream, make_relay: Any, tmp_path: Path, logs: LogCapture
+) -> None:
+    """The client hangs up after its final dot, while the message is being made durable: what
+    reached the disk is accepted and delivered (Postfix: once cleanup has committed), not left
+    in active/ until the next start nor half-removed while a spool thread still writes it."""
+    import socket
+    import struct
+    import threading
+
+    async with make_relay(upstream) as relay:
+        spool = relay.relay.spool
+        on_disk, go_on = threading.Event(), threading.Event()
+        for state in ("incoming", "active"):
+            dirsync = spool._dirsync[state]
+            sync = dirsync.sync
+
+            def held(sync: Any = sync) -> None:
+                on_disk.set()
+                go_on.wait(10)
+                sync()
+
+            dirsync.sync = held
+        client = await ehlo(relay.port)
+        assert (await client.cmd("MAIL FROM:<a@example.org>")).startswith("250")
+        assert (await client.cmd("RCPT TO:<gone@dest.test>")).startswith("250")
+        assert (await client.cmd("DATA")).startswith("354")
+        await client.send(MESSAGE + b".\r\n")
+        assert await asyncio.to_thread(on_disk.wait, 5)
+        sock = client.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # reset: the relay sees the connection lost now
+        await wait_until(lambda: not relay.relay.listener.sessions, what="session closed")
+        go_on.set()
+        await wait_until(lambda: len(upstream.state.messages) == 1, what="delivery")
+        await wait_until(lambda: spool_files(tmp_path / "spool") == [], what="entry removed")
+        assert not list((tmp_path / "spool" / "active").iterdir())
+    assert upstream.state.messages[0].rcpt_tos == ["gone@dest.test"]
+    assert logs.has("event=queued", "note=")
+
+
 async def test_slow_drip_command_hits_command_timeout(upstream: Upstream, make_relay: Any) -> None:
     async with make_relay(upstream, command_timeout="1s") as relay:
         client = await session(relay.port)

@@ -3,10 +3,12 @@ the streaming writer, the state machine's renames, and the retry schedule."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -310,4 +312,106 @@ async def test_commit_publishes_every_size_and_leaves_no_tmp(tmp_path: Path, siz
     assert spool.read_message(entry, 0, len(body)) == body
     entry.close()
     assert (writer.payload is None) == (size > EntryWriter.SPILL)
+    spool.close()
+
+
+async def _commit_many(spool: Spool, count: int) -> list[BaseException | None]:
+    writers = []
+    for i in range(count):
+        env = Envelope(spool.new_id(), "a@b.c", [f"x{i}@dest.test"], 1.0)
+        writer = spool.writer(env)
+        await writer.write(f"Subject: {i}\r\n\r\nbody {i}\r\n".encode())
+        writers.append(writer)
+    results = await asyncio.gather(
+        *(w.commit(smtputf8=False, eightbit=False) for w in writers), return_exceptions=True
+    )
+    return [r if isinstance(r, BaseException) else None for r in results]
+
+
+async def test_small_messages_committed_together_share_thread_jobs(tmp_path: Path) -> None:
+    """Issue 10: messages whose DATA ends while others are on disk are published in one batch
+    (one hand-off to a spool thread, one wake-up of the loop), not one thread job each."""
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    jobs = 0
+    submit = spool.executor.submit
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal jobs
+        jobs += 1
+        return submit(*args, **kwargs)
+
+    spool.executor.submit = counting  # type: ignore[method-assign]
+    assert await _commit_many(spool, 20) == [None] * 20
+    assert len(list(spool.ids("incoming"))) == 20
+    assert list((spool.root / "tmp").iterdir()) == []
+    assert jobs <= 5, jobs
+    spool.close()
+
+
+async def test_an_id_clash_in_a_batch_fails_only_that_entry(tmp_path: Path) -> None:
+    from pyrelay.errors import SpoolWriteError
+
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    ids = iter([f"0123456789ABCD{i:02X}" for i in range(8)])
+    spool.new_id = lambda: next(ids)  # type: ignore[method-assign]
+    taken = spool.path("incoming", "0123456789ABCD03")
+    taken.write_bytes(b"an accepted entry")
+    results = await _commit_many(spool, 8)
+    assert [type(r) for r in results] == [type(None)] * 3 + [SpoolWriteError] + [type(None)] * 4
+    assert taken.read_bytes() == b"an accepted entry"
+    assert len(list(spool.ids("incoming"))) == 8
+    assert list((spool.root / "tmp").iterdir()) == []
+    spool.close()
+
+
+async def test_a_failed_directory_fsync_fails_the_whole_batch(tmp_path: Path) -> None:
+    """Not durable, so not accepted: every entry of the batch is unlinked and reported."""
+    from pyrelay.errors import SpoolWriteError
+
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+
+    def broken() -> None:
+        raise OSError(5, "Input/output error")
+
+    spool._dirsync["incoming"].sync = broken  # type: ignore[method-assign]
+    results = await _commit_many(spool, 6)
+    assert all(isinstance(r, SpoolWriteError) for r in results)
+    assert list(spool.ids("incoming")) == [] and list((spool.root / "tmp").iterdir()) == []
+    spool.close()
+
+
+async def test_a_commit_cancelled_on_its_way_to_disk_ends_with_the_outcome(
+    tmp_path: Path,
+) -> None:
+    """The caller cancelled while the thread has the file: the cancellation is raised once
+    the entry is durable, ``published`` says so, and the file is closed only then."""
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    on_disk = threading.Event()
+    go_on = threading.Event()
+    sync = spool._dirsync["incoming"].sync
+
+    def slow() -> None:
+        on_disk.set()
+        go_on.wait(5)
+        sync()
+
+    spool._dirsync["incoming"].sync = slow  # type: ignore[method-assign]
+    env = Envelope(spool.new_id(), "a@b.c", ["x@dest.test"], 1.0)
+    writer = spool.writer(env)
+    await writer.write(b"Subject: a\r\n\r\nbody\r\n")
+    task = asyncio.create_task(writer.commit(smtputf8=False, eightbit=False))
+    await asyncio.to_thread(on_disk.wait, 5)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    assert not task.done() and writer._fd is not None  # still the thread's
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert writer.published and writer._fd is None
+    assert list(spool.ids("incoming")) == [env.queue_id]
+    assert list((spool.root / "tmp").iterdir()) == []
     spool.close()
