@@ -43,6 +43,7 @@ REJECTION_REASONS = (
     "junk_commands",
     "too_many_connections",
     "too_many_connections_per_client",
+    "auth_failed",
 )
 UPSTREAM_ERROR_KINDS = ("dns", "tcp", "greeting", "tls", "auth", "connection", "protocol")
 HANDOFF_RESULTS = ("handed_off", "failed")

@@ -48,6 +48,7 @@ def test_endpoints_and_series_present_from_start(tmp_path: Path) -> None:
         for series in (
             'pyrelay_upstream_errors_total{kind="auth"} 0.0',
             'pyrelay_messages_rejected_total{reason="relay_denied"} 0.0',
+            'pyrelay_messages_rejected_total{reason="auth_failed"} 0.0',
             'pyrelay_handoff_messages_total{result="handed_off"} 0.0',
             "pyrelay_draining 0.0",
             "pyrelay_queue_size 0.0",
