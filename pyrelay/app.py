@@ -373,9 +373,13 @@ def run(settings: Settings) -> None:
 
 
 def _stop_children(pids: dict[int, int]) -> None:
-    """Only matters when start-up failed: a clean shutdown has already reaped the workers."""
+    """Only matters when start-up failed: a clean shutdown has already reaped the workers, and
+    the PID of a reaped worker may belong to any other process by now, so only children that
+    are still ours (waitpid knows them) are signalled."""
     for pid in pids.values():
         with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                continue  # exited: reaped just now
             os.kill(pid, signal.SIGTERM)
             os.waitpid(pid, 0)
 

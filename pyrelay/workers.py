@@ -114,6 +114,10 @@ class WorkerPool:
                 asyncio.get_running_loop().remove_reader(fd)
             os.close(fd)
 
+    def _signal(self, index: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.pidfds[index], sig)
+
     def _reap(self, index: int) -> int | None:
         try:
             _, status = os.waitpid(self.pids[index], os.WNOHANG)
@@ -150,16 +154,17 @@ class WorkerPool:
 
     async def stop(self, grace: float) -> None:
         self.closing = True
-        for pid in self.pids.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        # Signalled through their pidfds, never by PID: a worker that died and was reaped
+        # (its replacement not started yet) has a PID the system may have given to any
+        # other process since.
+        for index in list(self.pidfds):
+            self._signal(index, signal.SIGTERM)
         deadline = time.monotonic() + grace + 2
         while self.pidfds and time.monotonic() < deadline:  # noqa: ASYNC110 - pidfd callbacks
             await asyncio.sleep(0.05)
         for index in list(self.pidfds):
             log.warning("worker_killed", worker=index, pid=self.pids[index])
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pids[index], signal.SIGKILL)
+            self._signal(index, signal.SIGKILL)
             self._unwatch(index)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.pids[index], 0)  # noqa: ASYNC222 - just SIGKILLed

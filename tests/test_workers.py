@@ -149,3 +149,41 @@ async def test_a_killed_worker_is_replaced_and_its_messages_delivered(
 
     await wait_until(lambda: len(delivered()) == 20, timeout=20, what="every message delivered")
     await wait_until(lambda: queued() == [], what="queue empty")
+
+
+def _not_our_child() -> int:
+    """A running process that is not a child of this one (what a reaped worker's PID may have
+    become): started by a shell that exits at once."""
+    out = subprocess.run(
+        ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], capture_output=True, check=True
+    )
+    return int(out.stdout)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a killed orphan may linger as a zombie until init reaps it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+async def test_stopping_never_signals_the_old_pid_of_a_reaped_worker(tmp_path: Path) -> None:
+    """After a worker died and was reaped (its replacement not started yet), the pool still
+    remembers its PID, which the system may have given to another process: stopping must not
+    signal it, nor must the clean-up after the event loop."""
+    from conftest import relay_settings
+    from pyrelay.app import _stop_children
+    from pyrelay.workers import WorkerPool
+
+    bystander = _not_our_child()
+    try:
+        settings = relay_settings(tmp_path, None, None, workers=2)
+        pool = WorkerPool(settings, scheduler=None, pids={1: bystander})  # type: ignore[arg-type]
+        await pool.stop(grace=0.1)
+        _stop_children({1: bystander})
+        await asyncio.sleep(0.1)
+        assert _alive(bystander)
+    finally:
+        os.kill(bystander, signal.SIGKILL)
