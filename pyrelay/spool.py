@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from pyrelay import quickio
 from pyrelay.errors import SpoolFullError, SpoolWriteError
 from pyrelay.queuefile import (
     FLAG_8BIT,
@@ -71,6 +72,7 @@ STATES = ("incoming", "active", "deferred", "hold")
 DIRS = ("tmp", *STATES, "corrupt", "status", "requests")
 REQUESTS = ("hold", "delete")
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 _QUEUE_ID = re.compile(r"[0-9A-F]{16}\Z")
 Chunk = bytes | bytearray | memoryview
 
@@ -476,9 +478,10 @@ class Spool:
         Not fsync'd: a crash may resurrect it (the at-least-once window)."""
         os.unlink(self.path(state, queue_id))
         crash_point("remove-after-unlink")
+        # Usually neither exists: a failed lookup is too short to hand the GIL over for.
         for name in ("status", "requests"):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.root / name / queue_id)
+                quickio.unlink(f"{self.root}/{name}/{queue_id}")
 
     def delete(self, queue_id: str, state: str) -> bool:
         try:
@@ -750,9 +753,7 @@ class EntryWriter:
 
     def _spill(self, parts: list[Chunk]) -> None:
         if self._fd is None:
-            self._fd = os.open(
-                self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
-            )
+            self._fd = os.open(self.tmp, _NEW_FILE, 0o600)
             parts = [preamble(len(self._head), 0, 0), self._head, b"\n", *parts]
         _write_all(self._fd, parts)
 
@@ -798,18 +799,22 @@ class EntryWriter:
             # Published and durable already: neither may turn the 250 into an error (a
             # leftover tmp/ name is removed at the next start).
             with contextlib.suppress(OSError):
-                os.close(fd)
+                quickio.close(fd)
             with contextlib.suppress(OSError):
-                os.unlink(self.tmp)
+                quickio.unlink(str(self.tmp))
 
     def _create(self, parts: list[Chunk]) -> None:
-        """Create and write a small message's file (from the event loop for one up to
-        ``INLINE_WRITE``, in a spool thread for a larger one that never spilled)."""
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        self._fd = fd
-        payload = parts[0] if len(parts) == 1 else b"".join(parts)
-        self.payload = bytes(payload)
-        _write_all(fd, [encode_header(self.env), payload])
+        """Create and write a small message's file: from the event loop for one up to
+        ``INLINE_WRITE`` (with ``quickio``: calls that keep the GIL), in a spool thread for a
+        larger one that never spilled."""
+        payload = bytes(parts[0] if len(parts) == 1 else b"".join(parts))
+        self.payload = payload
+        if self.size <= self.INLINE_WRITE:
+            fd = self._fd = quickio.open_new(str(self.tmp))
+            quickio.write_all(fd, encode_header(self.env) + payload)
+        else:
+            fd = self._fd = os.open(self.tmp, _NEW_FILE, 0o600)
+            _write_all(fd, [encode_header(self.env), payload])
 
     def _commit(self, parts: list[Chunk]) -> None:
         """In a spool thread, for a message too large to be written from the loop: write what
