@@ -689,19 +689,17 @@ class Spool:
 class EntryWriter:
     """Streams one new message into ``tmp/`` while it arrives, then publishes it.
 
-    Small messages (the common case) stay in memory until ``commit``, which writes, fsyncs,
-    links and fsyncs the directory in one thread job.  Past ``SPILL`` bytes the file is opened
-    and every further chunk is written as it comes, so memory per session stays bounded.
+    A message up to ``SPILL`` bytes (the common case) stays in memory until ``commit``, which
+    creates and writes its file from the event loop (a write into the page cache takes
+    microseconds; ``quickio`` keeps the GIL for it) and leaves to the spool's publisher only the
+    calls that wait for the disk: each system call a thread makes while the loop holds the GIL
+    costs a GIL hand-over and two or more context switches (with the whole commit in a thread
+    that was ~40 switches per message; perf: a third of the relay's CPU at 10 clients).  Past
+    ``SPILL`` the file is opened and every further chunk is written as it comes, in a spool
+    thread, so memory per session stays bounded.
     """
 
     SPILL = 128 * 1024
-    # Up to this size a message's file is created and written from the event loop (a write
-    # into the page cache takes microseconds), so that the spool thread makes only the calls
-    # that wait for the disk.  Each system call a thread makes while the loop holds the GIL
-    # costs a GIL hand-over and two or more context switches: with the whole commit in the
-    # thread that was ~40 switches per message (perf: context switching was a third of the
-    # relay's CPU at 10 clients).
-    INLINE_WRITE = 32 * 1024
 
     def __init__(self, spool: Spool, env: Envelope) -> None:
         self.spool = spool
@@ -773,7 +771,7 @@ class EntryWriter:
             if self.failed is not None:
                 raise self.failed
             parts = self._take()
-            inline = self._fd is None and self.size <= self.INLINE_WRITE
+            inline = self._fd is None  # never spilled: written from the loop
             if inline:
                 self._create(parts)
                 job = self.spool.publisher.submit(self)
@@ -804,39 +802,30 @@ class EntryWriter:
                 quickio.unlink(str(self.tmp))
 
     def _create(self, parts: list[Chunk]) -> None:
-        """Create and write a small message's file: from the event loop for one up to
-        ``INLINE_WRITE`` (with ``quickio``: calls that keep the GIL), in a spool thread for a
-        larger one that never spilled."""
+        """Create and write the file of a message that never spilled (from the event loop)."""
         payload = bytes(parts[0] if len(parts) == 1 else b"".join(parts))
         self.payload = payload
-        if self.size <= self.INLINE_WRITE:
-            fd = self._fd = quickio.open_new(str(self.tmp))
-            quickio.write_all(fd, encode_header(self.env) + payload)
-        else:
-            fd = self._fd = os.open(self.tmp, _NEW_FILE, 0o600)
-            _write_all(fd, [encode_header(self.env), payload])
+        fd = self._fd = quickio.open_new(str(self.tmp))
+        quickio.write_all(fd, encode_header(self.env) + payload)
 
     def _commit(self, parts: list[Chunk]) -> None:
-        """In a spool thread, for a message too large to be written from the loop: write what
-        is not written yet, fsync, publish."""
+        """In a spool thread, for a message that spilled: the rest, the final header, fsync,
+        publish."""
         flags = (FLAG_SMTPUTF8 if self.env.smtputf8 else 0) | (
             FLAG_8BIT if self.env.eightbit else 0
         )
-        if self._fd is None:  # too large to write from the loop, too small to have spilled
-            self._create(parts)
-        else:  # spilled while it arrived: the rest, then the final header
-            _write_all(self._fd, parts)
-            head = self._head
-            if self.env.prepend:
-                head = self.env.immutable_json().ljust(len(head))
-            os.pwrite(self._fd, preamble(len(head), self.size, flags) + head, 0)
+        assert self._fd is not None
+        _write_all(self._fd, parts)
+        head = self._head
+        if self.env.prepend:
+            head = self.env.immutable_json().ljust(len(head))
+        os.pwrite(self._fd, preamble(len(head), self.size, flags) + head, 0)
         fd = self._fd
         assert fd is not None
         os.fsync(fd)
-        if self.size > self.SPILL:
-            # The bytes are on disk now; do not let a large message's page cache count
-            # against the container's memory limit.
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        # The bytes are on disk now; do not let a large message's page cache count against
+        # the container's memory limit.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         self._fd = None
         os.close(fd)
         self.spool._link_new(self.tmp, self.env.queue_id, self.env.state)

@@ -294,9 +294,9 @@ async def test_a_claimed_commit_lands_in_active_and_is_taken_without_a_claim(
 
 @pytest.mark.parametrize("size", [100, 60 * 1024, 200 * 1024])
 async def test_commit_publishes_every_size_and_leaves_no_tmp(tmp_path: Path, size: int) -> None:
-    """Three ways to the same entry: written from the event loop (up to INLINE_WRITE), in the
-    commit's thread job (up to SPILL), or spilled while it arrived."""
-    assert 100 < EntryWriter.INLINE_WRITE < 60 * 1024 < EntryWriter.SPILL < 200 * 1024
+    """Two ways to the same entry: written from the event loop at the end (up to SPILL), or
+    spilled while it arrived (written in spool threads)."""
+    assert 100 < 60 * 1024 < EntryWriter.SPILL < 200 * 1024
     spool = Spool(tmp_path / "spool")
     spool.prepare()
     env = Envelope(queue_id=spool.new_id(), sender="a@b.c", recipients=["x@dest.test"], arrival=1.0)
