@@ -270,7 +270,7 @@ class RelaySMTP(SMTP):
             self.tls_context is not None and listener.settings.smtpd_tls == SmtpdTLSLevel.ENCRYPT
         )
         self._refuse: str | None = None
-        self._in_ehlo = False
+        self._ehlo_lines: list[str] | None = None  # replies of an EHLO being answered
         self._junk = 0
         self.hang_up_after_reply = False
         self._idle = asyncio.Event()
@@ -523,18 +523,29 @@ class RelaySMTP(SMTP):
         return AuthResult(success=True, auth_data=user, message=AUTH_OK)
 
     async def push(self, status: str | bytes) -> None:
+        if self._ehlo_lines is not None:  # see smtp_EHLO
+            assert isinstance(status, str)
+            self._ehlo_lines.append(status)
+            return
         # AUTH challenges ("334 <base64>") come as bytes and carry no status code.
         if isinstance(status, bytes):
             await super().push(status)
         else:
-            await super().push(status if self._in_ehlo else with_enhanced_status(status))
+            await super().push(with_enhanced_status(status))
 
     async def smtp_EHLO(self, hostname: str) -> None:
-        self._in_ehlo = True
+        # aiosmtpd pushes the reply line by line: a write, a TCP segment and a drain for each
+        # of its 7-9 lines (bench/commands.py: EHLO took 0.19 ms against Postfix's 0.085).
+        # The lines are collected and written at once, as Postfix does.
+        self._ehlo_lines = []
         try:
             await super().smtp_EHLO(hostname)
         finally:
-            self._in_ehlo = False
+            lines, self._ehlo_lines = self._ehlo_lines, None
+            if lines:
+                encoding = "utf-8" if self.enable_SMTPUTF8 else "ascii"
+                self._writer.write("".join(f"{line}\r\n" for line in lines).encode(encoding))
+                await self._writer.drain()
 
     async def check_helo_needed(self, helo: str = "HELO") -> bool:
         assert self.session is not None

@@ -273,3 +273,37 @@ async def test_a_message_accepted_into_active_is_delivered_when_the_queue_filled
         await wait_until(lambda: len(upstream.state.messages) == 10, what="every delivery")
         spool = relay.relay.spool
         await wait_until(lambda: not list(spool.ids("active")), what="active/ emptied")
+
+
+async def test_the_ehlo_reply_is_written_at_once(
+    upstream: Upstream, make_relay: Any, monkeypatch: Any
+) -> None:
+    """Issue 10: aiosmtpd pushed EHLO's 7-9 lines one by one (a write, a TCP segment and a
+    drain each); Postfix sends them in one.  The reply is unchanged."""
+    writes: list[bytes] = []
+    write = asyncio.StreamWriter.write
+
+    def counting(self: asyncio.StreamWriter, data: bytes) -> None:
+        writes.append(bytes(data))
+        write(self, data)
+
+    async with make_relay(upstream) as relay:
+        monkeypatch.setattr(asyncio.StreamWriter, "write", counting)
+
+        def ehlo() -> tuple[int, bytes, list[bytes]]:
+            with relay.client() as smtp:
+                writes.clear()
+                code, text = smtp.ehlo("app.test")
+                return code, text, writes[:]
+
+        code, text, during = await asyncio.to_thread(ehlo)
+    assert code == 250
+    assert text.decode().splitlines() == [
+        "relay.test",
+        "PIPELINING",
+        "SIZE 10240000",
+        "ENHANCEDSTATUSCODES",
+        "8BITMIME",
+        "SMTPUTF8",
+    ]
+    assert len(during) == 1 and during[0].endswith(b"250 SMTPUTF8\r\n"), during
