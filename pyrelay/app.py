@@ -216,6 +216,12 @@ class Relay:
 
     def _on_exit_signal(self, sig: int) -> None:
         if self._exit.is_set():
+            if self.worker:
+                # Ctrl-C in a terminal, `timeout` and systemd's default KillMode signal every
+                # process of the relay, and the primary then passes the stop on: for a worker a
+                # second signal is not an operator insisting.  A worker still running when
+                # the grace is over is killed by the primary.
+                return
             log.warning("forced_exit", signal=signal.Signals(sig).name)
             flush_logs()
             os._exit(1)

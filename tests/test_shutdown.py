@@ -424,3 +424,48 @@ def test_no_connection_waits_in_silence_while_a_drain_closes_the_listener(
     # socket is dropped by the kernel and sent again after 1 s, which is not silence.
     slow = sorted(t for _, t in seen if t > 2.0)
     assert slow == [], slow
+
+
+def test_a_stop_signal_to_the_whole_process_group_stops_every_worker_gracefully(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C in a terminal, ``timeout`` and systemd's default KillMode signal every process of
+    the relay at once; the primary then passes the stop on to its workers.  A worker took that
+    second signal for an operator insisting and exited at once (``forced_exit``), cutting its
+    sessions in DATA; every process must let them finish, as after a SIGTERM to the primary."""
+    import os
+    import signal
+
+    sink = SinkProc(tmp_path / "sink")
+    env = relay_env(relay_port=free_port(), sink_port=sink.port, spool=tmp_path / "spool")
+    env.update(PYRELAY_WORKERS="2", PYRELAY_SHUTDOWN_GRACE="10s")
+    port = int(env["PYRELAY_LISTEN"].rsplit(":", 1)[1])
+    relay = RelayProc(env, prefix=["setsid"]).start()  # its own process group
+    clients: list[socket.socket] = []
+    try:
+        relay.wait_started(processes=2)
+        for _ in range(8):  # spread over both processes by SO_REUSEPORT
+            c = socket.create_connection(("127.0.0.1", port), timeout=10)
+            c.recv(1024)
+            c.sendall(f"EHLO app.test\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<{RCPT}>\r\n".encode())
+            c.sendall(b"DATA\r\n")
+            got = b""
+            while b"354" not in got:
+                got += c.recv(4096)
+            c.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
+            clients.append(c)
+        os.killpg(relay.pid, signal.SIGTERM)
+        time.sleep(0.5)  # both stopping, waiting for their sessions in DATA
+        replies = []
+        for c in clients:
+            c.sendall(b"second half\r\n.\r\n")
+            replies.append(c.recv(4096))
+        assert all(r.startswith(b"250 2.0.0 Ok: queued as") for r in replies), replies
+        assert relay.proc is not None
+        assert relay.proc.wait(30) == 0
+    finally:
+        for c in clients:
+            c.close()
+        relay.kill()
+        sink.stop()
+    assert not relay.named("forced_exit"), relay.raw[-10:]
