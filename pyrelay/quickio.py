@@ -25,7 +25,8 @@ import errno
 import os
 from collections.abc import Callable
 
-_FLAGS_NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+# How the spool creates a new file (also with os.open, in its threads).
+NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 
 
 def _bind() -> tuple[Callable[..., int], ...] | None:
@@ -59,10 +60,10 @@ def _error(path: str | None = None) -> OSError:
 def open_new(path: str, mode: int = 0o600) -> int:
     """``os.open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode)``."""
     if _C is None:  # pragma: no cover
-        return os.open(path, _FLAGS_NEW, mode)
+        return os.open(path, NEW_FILE, mode)
     encoded = os.fsencode(path)
     while True:
-        fd = _C[0](encoded, _FLAGS_NEW, mode)
+        fd = _C[0](encoded, NEW_FILE, mode)
         if fd >= 0:
             return fd
         if ctypes.get_errno() != errno.EINTR:

@@ -72,7 +72,6 @@ STATES = ("incoming", "active", "deferred", "hold")
 DIRS = ("tmp", *STATES, "corrupt", "status", "requests")
 REQUESTS = ("hold", "delete")
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 _QUEUE_ID = re.compile(r"[0-9A-F]{16}\Z")
 Chunk = bytes | bytearray | memoryview
 
@@ -207,42 +206,35 @@ class _Publisher:
                 if not batch:
                     self._busy = False
                     return
-            errors: list[BaseException | None]
             try:
-                errors = list(self._publish([writer for writer, _ in batch]))
+                errors = self._publish([writer for writer, _ in batch])
             except BaseException as exc:  # a bug must not leave every later commit waiting
                 errors = [exc] * len(batch)
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 loop.call_soon_threadsafe(_settle, batch, errors)
 
-    def _publish(self, writers: list[EntryWriter]) -> list[OSError | None]:
-        errors: list[OSError | None] = [None] * len(writers)
+    def _publish(self, writers: list[EntryWriter]) -> list[BaseException | None]:
+        errors: list[BaseException | None] = [None] * len(writers)
         for i, writer in enumerate(writers):
             try:
                 assert writer._fd is not None
                 os.fsync(writer._fd)
             except OSError as exc:
                 errors[i] = exc
-        linked: dict[str, list[int]] = {}
+        linked: dict[str, dict[int, Path]] = {}
         for i, writer in enumerate(writers):
             if errors[i] is None:
                 try:
-                    self._spool._link(writer.tmp, writer.env.queue_id, writer.env.state)
-                    linked.setdefault(writer.env.state, []).append(i)
+                    final = self._spool._link(writer.tmp, writer.env.queue_id, writer.env.state)
+                    linked.setdefault(writer.env.state, {})[i] = final
                 except OSError as exc:
                     errors[i] = exc
-        for state, published in linked.items():
+        for state, finals in linked.items():
             try:
-                self._spool._dirsync[state].sync()
+                self._spool._make_durable(state, list(finals.values()))
             except OSError as exc:
-                # Not durable, so not accepted: each client is told to retry.
-                for i in published:
+                for i in finals:
                     errors[i] = exc
-                    with contextlib.suppress(OSError):
-                        self._spool.path(state, writers[i].env.queue_id).unlink()
-                continue
-            for _ in published:
-                crash_point("accept-after-dirsync")
         return errors
 
 
@@ -400,13 +392,20 @@ class Spool:
         this process delivers it at once) and make that durable."""
         final = self._link(tmp, queue_id, state)
         os.unlink(tmp)
+        self._make_durable(state, [final])
+
+    def _make_durable(self, state: str, finals: list[Path]) -> None:
+        """fsync ``state``'s directory after new entries were linked into it; if that fails,
+        unlink them again and raise (not durable, so not accepted: the clients retry)."""
         try:
             self._dirsync[state].sync()
         except OSError:
-            # Not durable, so not accepted: the client is told to retry.
-            final.unlink(missing_ok=True)
+            for final in finals:
+                with contextlib.suppress(OSError):
+                    final.unlink(missing_ok=True)
             raise
-        crash_point("accept-after-dirsync")
+        for _ in finals:
+            crash_point("accept-after-dirsync")
 
     def _link(self, tmp: Path, queue_id: str, state: str) -> Path:
         """Give a complete, fsync'd ``tmp/`` file its name in ``state`` (not yet durable)."""
@@ -751,7 +750,7 @@ class EntryWriter:
 
     def _spill(self, parts: list[Chunk]) -> None:
         if self._fd is None:
-            self._fd = os.open(self.tmp, _NEW_FILE, 0o600)
+            self._fd = os.open(self.tmp, quickio.NEW_FILE, 0o600)
             parts = [preamble(len(self._head), 0, 0), self._head, b"\n", *parts]
         _write_all(self._fd, parts)
 
@@ -814,14 +813,13 @@ class EntryWriter:
         flags = (FLAG_SMTPUTF8 if self.env.smtputf8 else 0) | (
             FLAG_8BIT if self.env.eightbit else 0
         )
-        assert self._fd is not None
-        _write_all(self._fd, parts)
+        fd = self._fd
+        assert fd is not None
+        _write_all(fd, parts)
         head = self._head
         if self.env.prepend:
             head = self.env.immutable_json().ljust(len(head))
-        os.pwrite(self._fd, preamble(len(head), self.size, flags) + head, 0)
-        fd = self._fd
-        assert fd is not None
+        os.pwrite(fd, preamble(len(head), self.size, flags) + head, 0)
         os.fsync(fd)
         # The bytes are on disk now; do not let a large message's page cache count against
         # the container's memory limit.
