@@ -831,25 +831,17 @@ class Listener:
                 # The client was gone (or the relay stopping) by the time its message was on
                 # disk: accepted all the same and delivered, as Postfix does once cleanup has
                 # committed; a client that did not hear the 250 may send it again.
-                self._queued(cleanup, ip, user, note="client gone before the reply")
+                self._queued(cleanup, cleanup.accepted(), ip, user, "client gone before the reply")
             else:
                 await cleanup.abort()
             raise
-        env = self._queued(cleanup, ip, user, accepted=accepted)
+        env = self._queued(cleanup, accepted, ip, user)
         return f"250 2.0.0 Ok: queued as {env.queue_id}"
 
     def _queued(
-        self,
-        cleanup: Cleanup,
-        ip: str,
-        user: User | None,
-        *,
-        accepted: Accepted | None = None,
-        note: str = "",
+        self, cleanup: Cleanup, accepted: Accepted, ip: str, user: User | None, note: str = ""
     ) -> Envelope:
         """Log a durable entry as ``queued`` and hand it to the scheduler."""
-        if accepted is None:
-            accepted = cleanup.accepted()
         if cleanup.normalizer.dirty:
             log.warning("bare_newline_normalized", queue_id=cleanup.queue_id, client=ip)
         env = accepted.envelope
