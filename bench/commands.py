@@ -32,15 +32,11 @@ import time
 from pathlib import Path
 
 from benchlib import SENDER, free_port
+from latency import pct
 from tls_cost import LIVE, Postfix, PyRelay, SmtpSink, need_postfix, run_cleanup, run_failed, say
 
 STEPS = ("connect_to_220", "ehlo", "mail", "rcpt", "rset", "noop", "quit_to_close")
 RCPT = "rcpt@example.com"  # relay_bench.sh's
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
 def _reply(sock: socket.socket, buffer: bytearray) -> None:
