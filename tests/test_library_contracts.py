@@ -233,6 +233,18 @@ async def test_aiosmtpd_calls_pyrelays_auth_mechanisms(tmp_path: Path) -> None:
     assert "self.session.ssl = self._tls_protocol._extra" in made
 
 
+def test_aiosmtpd_answers_ehlo_only_through_push() -> None:
+    """pyrelay/server.py ``RelaySMTP.smtp_EHLO`` collects the lines aiosmtpd pushes one by one
+    and writes them at once to ``self._writer``: aiosmtpd 1.4.6 sends every line of its EHLO
+    reply through ``self.push`` (none straight to the transport) and keeps the connection's
+    ``StreamWriter`` in ``_writer``.  ``tests/test_relay_e2e.py`` checks the result on the
+    wire (one write, the same lines)."""
+    ehlo = inspect.getsource(SMTP.smtp_EHLO)
+    assert "await self.push(r)" in ehlo and "await self.push('501 Syntax: EHLO hostname')" in ehlo
+    assert "_writer" not in ehlo and "transport" not in ehlo
+    assert "self._writer = writer" in inspect.getsource(SMTP._cb_client_connected)
+
+
 async def test_fast_connections_share_no_mutable_state(tmp_path: Path) -> None:
     """pyrelay/server.py ``RelaySMTP._init_from``: no list, dict, set, bytearray, event,
     stream reader, future ... is shared between two connections (or with the template),
